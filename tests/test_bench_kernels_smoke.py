@@ -1,0 +1,76 @@
+"""benchmarks/kernels.py --smoke runs end to end on CPU and writes a well-formed, finite report."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMES = ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mem_MB", "extra_mem_MB")
+
+
+def check_measured(result: dict, where: str) -> None:
+    assert "skipped" not in result and "oom" not in result, (where, result)
+    for key in TIMES:
+        assert math.isfinite(result[key]) and result[key] >= 0, (where, key, result)
+    assert result["fwd_ms"] > 0 and result["fwd_bwd_ms"] > 0, (where, result)
+    assert math.isfinite(result["loss"]), where
+
+
+def same_loss(methods: dict, a: str, b: str, rel: float = 1e-4) -> None:
+    if "loss" in methods.get(a, {}) and "loss" in methods.get(b, {}):
+        assert methods[a]["loss"] == pytest.approx(methods[b]["loss"], rel=rel), (a, b)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "kernels_smoke.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads(out.read_text())
+
+
+def test_report_structure_and_values(report):
+    path, data = report
+    assert data["benchmark"] == "kernels_smoke" and data["smoke"] is True
+    assert data["environment"]["torch"] and data["copy_bandwidth_GBps"] > 0
+    for row in data["linear_logprobs"]:
+        for name in ("naive_torch", "ours", "ours_logp_only"):
+            check_measured(row["methods"][name], f"linear {name}")
+        assert all(math.isfinite(v) and v > 0 for v in row["gemm_floor"].values())
+        same_loss(row["methods"], "ours", "naive_torch")
+        same_loss(row["methods"], "ours", "compiled_chunked_torch")
+        same_loss(row["methods"], "ours_logp_only", "cce_logp_only")
+    for row in data["linear_grpo"]:
+        check_measured(row["methods"]["ours"], "linear_grpo ours")
+        same_loss(row["methods"], "ours", "liger_fused_linear_grpo")
+    for row in data["token_logprobs"]:
+        check_measured(row["methods"]["ours"], "token_logprobs ours")
+        same_loss(row["methods"], "ours", "naive_torch")
+        assert all(math.isfinite(v) and v > 0 for v in row["bandwidth"].values())
+    for row in data["grpo_from_logits"]:
+        check_measured(row["methods"]["ours"], "grpo_from_logits ours")
+        same_loss(row["methods"], "ours", "liger_triton_grpo")
+    for name, rec in data["targets"].items():
+        assert rec["met"] in (True, False, None), name
+        assert all(math.isfinite(v) for v in rec["values"].values()), name
+    assert data["targets"]["linear_fwd_bwd_over_gemm_floor"]["values"]  # ours and the floor were both measured
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_peers_present_here_were_measured(report):
+    """Where liger-kernel / cut-cross-entropy are installed, their rows hold measurements, not skips."""
+    _, data = report
+    if importlib.util.find_spec("liger_kernel") is not None:
+        check_measured(data["linear_grpo"][0]["methods"]["liger_fused_linear_grpo"], "liger chunked")
+        check_measured(data["grpo_from_logits"][0]["methods"]["liger_triton_grpo"], "liger triton")
+    if importlib.util.find_spec("cut_cross_entropy") is not None:
+        check_measured(data["linear_logprobs"][0]["methods"]["cce_logp_only"], "cce")
+    check_measured(data["linear_logprobs"][0]["methods"]["compiled_chunked_torch"], "compiled")

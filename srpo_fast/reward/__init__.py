@@ -1,0 +1,49 @@
+"""Reflection-aware rewards (shared/SRPO.md): response parsing, answer grading with hard timeouts, the SRPO
+presets composed as tensor ops, group advantages and a registry of reward functions.
+
+Names are resolved lazily so that the grader's worker processes, which import
+``srpo_fast.reward.mv_worker``, do not pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "RewardConfig": "srpo_fast.reward.config",
+    "score_batch": "srpo_fast.reward.score",
+    "RewardOutput": "srpo_fast.reward.srpo",
+    "parse_response": "srpo_fast.reward.parse",
+    "ParsedResponse": "srpo_fast.reward.parse",
+    "grade_batch": "srpo_fast.reward.grade",
+    "BatchGrades": "srpo_fast.reward.grade",
+    "group_advantages": "srpo_fast.reward.advantages",
+    "GroupAdvantages": "srpo_fast.reward.advantages",
+    "register_reward": "srpo_fast.reward.registry",
+    "get_reward": "srpo_fast.reward.registry",
+    "available_rewards": "srpo_fast.reward.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from srpo_fast.reward.advantages import GroupAdvantages, group_advantages
+    from srpo_fast.reward.config import RewardConfig
+    from srpo_fast.reward.grade import BatchGrades, grade_batch
+    from srpo_fast.reward.parse import ParsedResponse, parse_response
+    from srpo_fast.reward.registry import available_rewards, get_reward, register_reward
+    from srpo_fast.reward.score import score_batch
+    from srpo_fast.reward.srpo import RewardOutput
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'srpo_fast.reward' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

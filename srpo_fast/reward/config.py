@@ -1,0 +1,98 @@
+"""RewardConfig: the `reward` section of the training config (plain fields, so YAML and CLI overrides map 1:1)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+PRESET_ALIASES = {"paper": "srpo_paper", "official": "srpo_official"}
+LENGTH_SHAPES = ("laplace", "gaussian")
+DEFAULT_LENGTH_SHAPE = {"srpo_paper": "laplace", "srpo_official": "gaussian"}
+
+
+@dataclass
+class RewardConfig:
+    """Which reward, which of its terms, and how answers are graded.
+
+    ``preset``: "paper" / "official" (the two SRPO compositions of shared/SRPO.md), "r1" (accuracy + format,
+    no reflection), any name registered with ``register_reward``, or "package.module:function".
+    Term switches turn single terms off for ablations: ``effectiveness=False`` (no I_eff), ``length=False``
+    (no f_len), and plain GRPO = ``reflection_format=effectiveness=length=False``.
+    """
+
+    preset: str = "paper"
+    format: bool = True
+    accuracy: bool = True
+    reflection_format: bool = True
+    effectiveness: bool = True
+    length: bool = True
+    length_alpha: float = 0.1
+    length_shape: str | None = None  # None: the preset's own (paper: laplace e^(-2|x|), official: gaussian e^(-x²))
+    target_ratio: float = 2.0  # T_target = target_ratio · ℓ1
+    max_ratio: float = 2.5  # T_max = max_ratio · ℓ1
+    grade_timeout_s: float = 5.0  # hard limit per math-verify item; past it the item scores wrong and is counted
+    num_workers: int | None = None  # grader processes; None: min(16, cpu count)
+    use_math_verify: bool = True  # False: fast path only, anything it cannot decide is wrong
+    rel_tol: float = 1e-6  # numbers equal within this relative tolerance ...
+    precision: int | None = None  # ... or, when set, after rounding both to this many decimals
+    choice_letters: str = "ABCDEFGHIJ"  # letters that name multiple-choice options, in option order
+    letter_fallback: bool = True  # official: W→W but A2 names only the gold's letter → 1.0 (shared/SRPO.md)
+    device: str | None = None  # where the reward tensors live; None: cpu (score_batch's device= overrides)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool",) and not isinstance(value, bool):
+                raise TypeError(f"RewardConfig.{f.name} must be a bool, got {value!r}")
+        if not isinstance(self.preset, str) or not self.preset:
+            raise ValueError(f"RewardConfig.preset must be a non-empty str, got {self.preset!r}")
+        from srpo_fast.reward.registry import is_known
+
+        if not is_known(self.resolved_preset):
+            from srpo_fast.reward.registry import available_rewards
+
+            raise ValueError(f"RewardConfig.preset: unknown reward {self.preset!r}; known: "
+                             f"{sorted(PRESET_ALIASES) + available_rewards()} or 'package.module:function'")
+        for name in ("length_alpha", "target_ratio", "max_ratio", "grade_timeout_s", "rel_tol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"RewardConfig.{name} must be a finite number, got {value!r}")
+        if self.length_alpha < 0:
+            raise ValueError(f"RewardConfig.length_alpha must be >= 0, got {self.length_alpha}")
+        if self.length_shape is not None and self.length_shape not in LENGTH_SHAPES:
+            raise ValueError(f"RewardConfig.length_shape must be one of {LENGTH_SHAPES} or None, "
+                             f"got {self.length_shape!r}")
+        if not 0 < self.target_ratio < self.max_ratio:
+            raise ValueError(f"RewardConfig.target_ratio and max_ratio need 0 < target_ratio < max_ratio, got "
+                             f"{self.target_ratio} and {self.max_ratio}")
+        if self.grade_timeout_s <= 0:
+            raise ValueError(f"RewardConfig.grade_timeout_s must be > 0, got {self.grade_timeout_s}")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool)
+                                             or not isinstance(self.num_workers, int) or self.num_workers < 1):
+            raise ValueError(f"RewardConfig.num_workers must be None or an int >= 1, got {self.num_workers!r}")
+        if self.rel_tol < 0:
+            raise ValueError(f"RewardConfig.rel_tol must be >= 0, got {self.rel_tol}")
+        if self.precision is not None and (isinstance(self.precision, bool)
+                                           or not isinstance(self.precision, int) or self.precision < 0):
+            raise ValueError(f"RewardConfig.precision must be None or an int >= 0, got {self.precision!r}")
+        letters = self.choice_letters
+        if (not isinstance(letters, str) or not letters or len(set(letters)) != len(letters)
+                or not all("A" <= c <= "Z" for c in letters)):
+            raise ValueError(f"RewardConfig.choice_letters must be distinct upper-case letters, got {letters!r}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"RewardConfig.device: {exc}") from None
+
+    @property
+    def resolved_preset(self) -> str:
+        """The registry name behind ``preset`` ("paper" → "srpo_paper")."""
+        return PRESET_ALIASES.get(self.preset, self.preset)
+
+    @property
+    def resolved_length_shape(self) -> str:
+        if self.length_shape is not None:
+            return self.length_shape
+        return DEFAULT_LENGTH_SHAPE.get(self.resolved_preset, "laplace")

@@ -1,0 +1,311 @@
+"""Run configuration: plain dataclasses, a YAML file, and dotted CLI overrides (`algo.clip_high=0.28`).
+
+EasyR1-style on purpose: no config framework, just dataclasses. Every key is checked: an unknown key or a value of
+the wrong type is an error that names the full dotted key, so a typo never silently falls back to a default. The
+resolved config is written next to each run's outputs (`save_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from srpo_fast.reward.config import RewardConfig
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # a local HF dir, or "tiny": the offline tiny kit built under train.output_dir/../tiny_kit
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    attn_implementation: str = "srpo_varlen"
+    freeze_vision: bool = True  # SRPO freezes the vision tower in both stages
+    freeze_projector: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    min_pixels: int | None = None  # image bounds, shared by the trainer's processor and the rollout engine
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # jsonl/parquet/dirs in the EasyR1 schema; empty: synthetic
+    val_files: list[str] = field(default_factory=list)
+    synthetic_size: int = 256  # records of the generated visual task when no files are given
+    synthetic_difficulty: int = 1
+    max_prompt_tokens: int = 1024
+    shuffle: bool = True
+
+    def __post_init__(self):
+        _positive("data.synthetic_size", self.synthetic_size)
+        _in_range("data.synthetic_difficulty", self.synthetic_difficulty, 1, 5)
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf
+    n: int = 8  # rollouts per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 2048
+    gpu_memory_utilization: float = 0.5
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    kv_cache_gb: float | None = None  # CPU only: vLLM's KV cache size
+    sync_bucket_mb: int = 512  # weight-sync bucket size
+
+    def __post_init__(self):
+        _one_of("rollout.engine", self.engine, ("vllm", "hf"))
+        _positive("rollout.n", self.n)
+        _positive("rollout.max_tokens", self.max_tokens)
+        if self.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        _in_range("rollout.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _in_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class AlgoConfig:
+    adv_estimator: str = "grpo"  # grpo: (r-mean)/(std+eps); drgrpo: r-mean
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    dual_clip: float | None = None
+    kl_coef: float = 0.0  # the released SRPO run uses no KL
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    is_level: str = "token"
+    ppo_epochs: int = 1
+    filter_groups: bool = True  # SRPO's online filter on first-answer accuracy
+    filter_low: float = 0.1
+    filter_high: float = 0.9
+
+    def __post_init__(self):
+        _one_of("algo.adv_estimator", self.adv_estimator, ("grpo", "drgrpo"))
+        _one_of("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _one_of("algo.aggregation", self.aggregation,
+                ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        _one_of("algo.is_level", self.is_level, ("token", "sequence"))
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"algo.dual_clip must be > 1 (or null), got {self.dual_clip}")
+        _positive("algo.ppo_epochs", self.ppo_epochs)
+        if not 0 <= self.filter_low <= self.filter_high <= 1:
+            raise ConfigError(f"algo.filter_low/filter_high need 0 <= low <= high <= 1, "
+                              f"got {self.filter_low}, {self.filter_high}")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "grpo"  # sft | grpo
+    output_dir: str = "runs/default"
+    prompts_per_step: int = 128
+    epochs: int = 3
+    max_steps: int | None = None  # stop early (smoke runs, demos)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    max_tokens_per_microbatch: int = 16384
+    seed: int = 0
+    save_every: int = 50
+    keep_last: int = 2
+    resume: bool = True
+
+    def __post_init__(self):
+        _one_of("train.stage", self.stage, ("sft", "grpo"))
+        _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _positive("train.prompts_per_step", self.prompts_per_step)
+        _positive("train.epochs", self.epochs)
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _in_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _positive("train.max_tokens_per_microbatch", self.max_tokens_per_microbatch)
+
+
+@dataclass
+class LogConfig:
+    jsonl: bool = True  # metrics.jsonl in the run dir, always on by default
+    tensorboard: str = "auto"  # auto: when tensorboard is installed | on | off
+    wandb_project: str | None = None  # needs WANDB_API_KEY in the environment; never stored in the config
+    progress: bool = True
+
+    def __post_init__(self):
+        _one_of("log.tensorboard", self.tensorboard, ("auto", "on", "off"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if value < low or value > high or (low_open and value == low):
+        raise ConfigError(f"{key} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation; ints are accepted for floats. Names `key` on failure."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key} may not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {annotation}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):  # a single path given where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported annotation {annotation!r}")
+    raise ConfigError(f"{key} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s} (known in {prefix or 'the top level'}: "
+                          f"{sorted(names)})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, key)
+        else:
+            kwargs[name] = _coerce(key, value, annotation)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a section's own __post_init__ check (e.g. RewardConfig)
+        message = str(exc)
+        section_name = cls.__name__ + "."
+        if prefix and message.startswith(section_name):
+            message = f"{prefix}.{message[len(section_name):]}"
+        raise ConfigError(message) from None
+
+
+# ------------------------------------------------------------------------------------------------ overrides / IO
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`algo.clip_high=0.28` → (['algo', 'clip_high'], 0.28); the value is read as YAML (null, true, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file ← `key.sub=value` overrides; validated as a whole."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_dotted(tree, parts, value)
+    return _build(Config, tree, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (reloadable with load_config). Holds no secrets: keys come from env."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

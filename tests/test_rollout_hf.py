@@ -2,6 +2,8 @@
 grouping and seeds, stop strings cut like vLLM, in-place weight updates, guard rails."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_rollout_vllm import (VL_PIXELS, engine_config, hf_pairs, hf_recompute, outputs, perturbed_copy,
@@ -61,8 +63,8 @@ def test_update_weights_partial_and_checked(tiny_kit, tmp_path):
                                    [("model.norm.weight", new["model.norm.weight"])]])
     assert stats.tensors == 2 and stats.bytes == (1152 * 128 + 128) * 4
     params = dict(engine.model.named_parameters())
-    assert torch.equal(params["lm_head.weight"], new["lm_head.weight"])
-    assert not torch.equal(params["model.layers.0.mlp.up_proj.weight"], new["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(params["lm_head.weight"].cpu(), new["lm_head.weight"])
+    assert not torch.equal(params["model.layers.0.mlp.up_proj.weight"].cpu(), new["model.layers.0.mlp.up_proj.weight"])
     after = outputs(engine.generate(text_requests(), SamplingConfig(temperature=0.0, max_tokens=8)))
     assert [x[1] for x in after] != [x[1] for x in before]
     with pytest.raises(WeightSyncError, match="unknown parameter name"):
@@ -76,11 +78,11 @@ def test_guard_rails(tiny_kit):
     vision = vision_token_ids(engine.tokenizer)
     with torch.no_grad():  # vision tokens dominate every next-token distribution
         head = engine.model.lm_head.weight
-        keep = torch.zeros(head.shape[0], dtype=torch.bool)
+        keep = torch.zeros(head.shape[0], dtype=torch.bool, device=head.device)
         keep[vision] = True
         head[~keep] *= 0.05
     sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=8, seed=2)
-    leaked = engine.generate(text_requests(), SamplingConfig(**{**sampling.__dict__, "block_special_tokens": False}))
+    leaked = engine.generate(text_requests(), dataclasses.replace(sampling, block_special_tokens=False))
     flagged = [s for s in leaked if s.has_vision_tokens]
     assert flagged and flagged == [s for s in leaked if set(s.response_ids) & set(vision)]
     blocked = engine.generate(text_requests(), sampling)

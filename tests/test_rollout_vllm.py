@@ -5,6 +5,7 @@ on the new weights (text and VL; full, bucketed, partial), guard rails, and the 
 Engines are module-scoped (several coexist in one process); tests that change an engine's weights put them back."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -66,7 +67,8 @@ def images():
 def vl_requests():
     small, resized = images()
     return [
-        RolloutRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many circles"}]}],
+        RolloutRequest(messages=[{"role": "user", "content": [{"type": "image"},
+                                                              {"type": "text", "text": "how many circles"}]}],
                        images=[resized]),
         RolloutRequest(messages=[{"role": "user", "content": "what is 3 + 4"}]),
         RolloutRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "compare"},
@@ -91,12 +93,15 @@ def hf_recompute(model, sample, temperature: float) -> torch.Tensor:
             kwargs.update(pixel_values=sample.image_inputs.pixel_values,
                           image_grid_thw=sample.image_inputs.image_grid_thw)
         kwargs["mm_token_type_ids"] = mm
+    device = model.lm_head.weight.device
+    ids, kwargs = ids.to(device), {k: v.to(device) for k, v in kwargs.items()}
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                              **kwargs).last_hidden_state[0]
     start = len(sample.prompt_ids) - 1
-    return linear_token_logprobs(hidden[start:-1], model.lm_head.weight, torch.tensor(sample.response_ids),
-                                 temperature=temperature, return_entropy=False)
+    targets = torch.tensor(sample.response_ids, device=device)
+    return linear_token_logprobs(hidden[start:-1], model.lm_head.weight, targets, temperature=temperature,
+                                 return_entropy=False).cpu()
 
 
 def stop_string_from(tokenizer, ids: list[int]) -> tuple[int, str]:
@@ -232,7 +237,8 @@ def test_processed_logprobs_equal_trainer_recomputation_at_temperature(engines, 
 @pytest.mark.parametrize("kind", ["text", "vl"])
 def test_sync_equals_fresh_engine_on_new_weights(engines, dirs, kind):
     engine, fresh = engines[kind], engines[f"{kind}_b"]
-    requests = vl_requests() if kind == "vl" else text_requests()
+    # + a prompt longer than one KV block (128 tokens on CPU), so a stale prefix cache would be hit after the sync
+    requests = (vl_requests() if kind == "vl" else text_requests()) + [RolloutRequest(prompt_ids=list(range(10, 210)))]
     before = [outputs(engine.generate(requests, s)) for s in (GREEDY, SAMPLED)]
     expected = [outputs(fresh.generate(requests, s)) for s in (GREEDY, SAMPLED)]
     assert [x[1] for x in before[0]] != [x[1] for x in expected[0]]
@@ -271,7 +277,8 @@ def test_bad_updates_are_rejected_before_loading(engines, dirs):
     before = outputs(engine.generate(text_requests(), GREEDY))
     new = dict(hf_pairs(dirs["text_b"], vl=False))
     with pytest.raises(WeightSyncError, match="k_proj.weight"):
-        engine.update_weights([("model.layers.0.self_attn.q_proj.weight", new["model.layers.0.self_attn.q_proj.weight"])])
+        q_name = "model.layers.0.self_attn.q_proj.weight"
+        engine.update_weights([(q_name, new[q_name])])
     with pytest.raises(WeightSyncError, match="unknown parameter names"):
         engine.update_weights([("model.layers.9.mlp.down_proj.weight", torch.zeros(128, 256))])
     with pytest.raises(TypeError):
@@ -290,7 +297,7 @@ def test_blocked_special_tokens_never_appear_and_leaks_are_flagged(engines, dirs
     sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=8, seed=2)
     try:
         engine.update_weights([("lm_head.weight", head)])
-        leaked = engine.generate(text_requests(), SamplingConfig(**{**sampling.__dict__, "block_special_tokens": False}))
+        leaked = engine.generate(text_requests(), dataclasses.replace(sampling, block_special_tokens=False))
         flagged = [s for s in leaked if s.has_vision_tokens]
         assert flagged and all(not s.valid for s in flagged)
         assert flagged == [s for s in leaked if set(s.response_ids) & set(vision)]
@@ -354,8 +361,8 @@ def test_hf_fallback_matches_vllm(engines, dirs, kind):
     assert cut_hf.response_text == cut_vllm.response_text and stop not in cut_vllm.response_text
     assert cut_hf.finish_reason == cut_vllm.finish_reason == "stop"
     hf.update_weights(hf_pairs(dirs[f"{kind}_b"], kind == "vl"))
-    assert_same_outputs(outputs(hf.generate(requests, GREEDY)), outputs(engines[f"{kind}_b"].generate(requests, GREEDY)),
-                        atol=3e-4)
+    fresh = engines[f"{kind}_b"]
+    assert_same_outputs(outputs(hf.generate(requests, GREEDY)), outputs(fresh.generate(requests, GREEDY)), atol=3e-4)
 
 
 @pytest.mark.gpu

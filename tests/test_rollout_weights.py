@@ -66,7 +66,8 @@ def test_bucket_by_bytes_bounds_sizes_and_keeps_values(pack, bucket_bytes):
 
 
 def test_bucket_by_bytes_starts_a_new_bucket_on_dtype_change():
-    pairs = [("a", torch.zeros(4)), ("b", torch.zeros(4, dtype=torch.bfloat16)), ("c", torch.zeros(4, dtype=torch.bfloat16))]
+    half = torch.zeros(4, dtype=torch.bfloat16)
+    pairs = [("a", torch.zeros(4)), ("b", half), ("c", half.clone())]
     assert [[n for n, _ in b] for b in bucket_by_bytes(pairs, 1 << 20, pack=True)] == [["a"], ["b", "c"]]
     with pytest.raises(ValueError, match="bucket_bytes"):
         list(bucket_by_bytes(pairs, 0))
@@ -76,7 +77,8 @@ def test_fused_group_gaps():
     attn = "model.language_model.layers.3.self_attn"
     full = [f"{attn}.{m}.{p}" for m in ("q_proj", "k_proj", "v_proj") for p in ("weight", "bias")]
     assert fused_group_gaps(full + [f"{attn}.o_proj.weight", "lm_head.weight"], QWEN_PACKED) == []
-    assert fused_group_gaps([f"{attn}.q_proj.weight"], QWEN_PACKED) == [f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"]
+    assert fused_group_gaps([f"{attn}.q_proj.weight"], QWEN_PACKED) == [f"{attn}.k_proj.weight",
+                                                                         f"{attn}.v_proj.weight"]
     only_q_bias = [n for n in full if not n.endswith(("k_proj.bias", "v_proj.bias"))]
     assert fused_group_gaps(only_q_bias, QWEN_PACKED) == [f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"]
     mlp = "model.visual.blocks.0.mlp"

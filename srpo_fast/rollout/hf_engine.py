@@ -104,12 +104,13 @@ class HFEngine:
         from transformers import GenerationConfig
 
         block = self.config.block_special_tokens if s.block_special_tokens is None else s.block_special_tokens
+        bad_words = [[t] for t in self.vision_ids] if block and self.vision_ids else None
         sample = s.temperature > 0
         return GenerationConfig(
             # explicit top_k=0 / top_p=1.0: left as None, transformers fills in its defaults (top_k=50)
             do_sample=sample, temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
             top_k=s.top_k if sample else None, max_new_tokens=s.max_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id, bad_words_ids=[[t] for t in self.vision_ids] if block and self.vision_ids else None,
+            pad_token_id=self.pad_id, bad_words_ids=bad_words,
             stop_strings=list(s.stop) or None, return_dict_in_generate=True,
             output_scores=self.config.logprobs_mode == "processed", output_logits=self.config.logprobs_mode == "raw")
 

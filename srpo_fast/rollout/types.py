@@ -68,7 +68,8 @@ class RolloutEngineConfig:
     # vLLM only
     max_num_seqs: int = 256
     gpu_memory_utilization: float = 0.5
-    kv_cache_bytes: int | None = None  # explicit KV cache size; wins over gpu_memory_utilization / VLLM_CPU_KVCACHE_SPACE
+    # an explicit KV cache size; wins over gpu_memory_utilization and VLLM_CPU_KVCACHE_SPACE
+    kv_cache_bytes: int | None = None
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     enable_sleep_mode: bool = True  # GPU only; ignored on CPU, where sleep/wake are no-ops

@@ -7,7 +7,8 @@ with no serialization, no IPC handles and no disk. It is also what lets each tor
 context per GPU. Side effects on the host process (shared/NOTES-platform.md): vLLM reseeds python/numpy/torch to its
 seed (we save and restore the RNG states around construction), makes `torch.set_num_threads` a no-op on CPU and
 calls `gc.freeze()`; shutting an in-process engine down destroys the default process group, so keep the engine
-alive until the end of training.
+alive until the end of training. Several engines in one process share vLLM's global parallel state and some modules
+(its rotary-embedding cache): destroying one — garbage collection included — breaks the others.
 
 Log-probs (`RolloutEngineConfig.logprobs_mode`, a vLLM engine setting):
   "processed"  log-probs of the distribution actually sampled from: logits / T, top-k/top-p applied, blocked tokens
@@ -36,7 +37,6 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ _LOGPROBS_MODES = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 def preserve_rng_states():
     """Restore python, numpy and torch (CPU and current CUDA device) RNG states on exit: vLLM seeds them all."""
     py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cpu_seed = torch.initial_seed()
     cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         yield
@@ -70,7 +71,7 @@ def preserve_rng_states():
             torch.cuda.set_rng_state(cuda_state)
         elif torch.cuda.is_available() and torch.cuda.is_initialized():
             # CUDA was first initialized by vLLM: give it the state the caller's torch.manual_seed implied.
-            torch.cuda.manual_seed(torch.initial_seed())
+            torch.cuda.manual_seed(cpu_seed)
 
 
 class _TrackedStream:
@@ -113,7 +114,15 @@ def _worker_finish_failed_reload(worker) -> None:
 
 
 def _worker_load_weights_direct(worker, weights: Iterable[WeightPair]) -> None:
-    worker.model_runner.get_model().load_weights(weights)
+    """model.load_weights into the live parameters, then drop the runner's encoder / multimodal caches (what the
+    worker's reload_weights does after its own load)."""
+    from vllm.config import set_current_vllm_config
+
+    runner = worker.model_runner
+    with set_current_vllm_config(worker.vllm_config):
+        runner.get_model().load_weights(weights)
+    runner.reset_encoder_cache()
+    runner.reset_mm_cache()
 
 
 class VLLMEngine:
@@ -131,6 +140,7 @@ class VLLMEngine:
         self._broken: str | None = None
         self.llm = self._start()
         self.on_gpu = self.llm.llm_engine.vllm_config.device_config.device.type == "cuda"
+        self.can_sleep = self.on_gpu and config.enable_sleep_mode
         self._quantized = self.llm.llm_engine.vllm_config.model_config.quantization is not None
         self.sync_method = self._resolve_sync_method()
         self.packed_modules_mapping = self.llm.collective_rpc(_worker_packed_modules_mapping)[0]
@@ -142,7 +152,8 @@ class VLLMEngine:
         kwargs = dict(model=str(cfg.model), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                       max_num_seqs=cfg.max_num_seqs, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
                       enable_prefix_caching=cfg.enable_prefix_caching, tensor_parallel_size=cfg.tensor_parallel_size,
-                      logprobs_mode=_LOGPROBS_MODES[cfg.logprobs_mode], gpu_memory_utilization=cfg.gpu_memory_utilization)
+                      logprobs_mode=_LOGPROBS_MODES[cfg.logprobs_mode],
+                      gpu_memory_utilization=cfg.gpu_memory_utilization)
         if cfg.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_bytes)
             # On CPU this variable overrides kv_cache_memory_bytes (NOTES): the explicit setting wins.
@@ -269,7 +280,13 @@ class VLLMEngine:
 
     # ---- weight sync --------------------------------------------------------------------------------------------
     def update_weights(self, weights: WeightsInput) -> WeightSyncStats:
-        """Stream (name, tensor) pairs or buckets of pairs (HF names, any subset) into the live engine."""
+        """Stream (name, tensor) pairs or buckets of pairs into the live engine, in place, then reset its caches.
+
+        Names are HF names (either Qwen-VL layout); any subset of the model's weights may be sent (e.g. the language
+        model and lm_head only), with the "reload" method in whole fused groups. A list input is checked (kind,
+        names, fused groups) before anything is loaded; a lazy iterator is checked as it streams, so a bad one fails
+        part-way and leaves the engine unusable (RuntimeError on the next call). Tensors may live on any device and
+        dtype; the engine's loaders copy and cast them."""
         self._check_usable(need={"weights"})
         check_groups = self.sync_method == "reload"
         known = self.weight_names
@@ -309,26 +326,27 @@ class VLLMEngine:
 
     # ---- memory ---------------------------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (and offload, level 1, or drop, level 2, the weights) for training. No-op on CPU.
+        """Free the KV cache (and offload, level 1, or drop, level 2, the weights) for training. No-op on CPU and
+        without enable_sleep_mode.
 
         Level 2 is for full syncs only: the weights are gone, so wake with tags=["weights"], update all weights,
         then wake ["kv_cache"]. Partial syncs (frozen vision tower) need level 1."""
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
-        if not self.on_gpu or self._asleep:
+        if not self.can_sleep or self._asleep:
             return
         self.llm.reset_prefix_cache()
         self.llm.sleep(level=level)
         self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        """Reallocate `tags` (default: everything). No-op on CPU."""
-        if not self.on_gpu or not self._asleep:
-            return
+        """Reallocate `tags` (default: everything). No-op when not asleep (always on CPU)."""
         wanted = set(tags) if tags is not None else {"weights", "kv_cache"}
         unknown = wanted - {"weights", "kv_cache"}
         if unknown:
             raise ValueError(f"tags must be among 'weights', 'kv_cache', got {sorted(unknown)}")
+        if not wanted & self._asleep:
+            return
         self.llm.wake_up(tags=sorted(wanted & self._asleep))
         self._asleep -= wanted
 
@@ -344,6 +362,3 @@ class VLLMEngine:
         call it only at the very end."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    @property
-    def model_path(self) -> Path:
-        return Path(self.config.model)

@@ -67,7 +67,8 @@ def is_materialized(weights: WeightsInput) -> bool:
     return isinstance(weights, (list, tuple)) and all(isinstance(b, (list, tuple)) for b in weights)
 
 
-def bucket_by_bytes(pairs: Iterable[WeightPair], bucket_bytes: int, *, pack: bool = False) -> Iterator[list[WeightPair]]:
+def bucket_by_bytes(pairs: Iterable[WeightPair], bucket_bytes: int, *,
+                    pack: bool = False) -> Iterator[list[WeightPair]]:
     """Group pairs into buckets of at most `bucket_bytes` (a tensor larger than that is a bucket of its own).
 
     pack=True copies each bucket into one flat buffer and yields views into it — the layout an all-gather or a

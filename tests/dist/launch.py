@@ -1,0 +1,54 @@
+"""Run tests/dist/fsdp_worker.py under torchrun once per pytest session and share its result.
+
+Several test files read the same launch (torchrun start-up costs seconds); they all import this module as
+`dist.launch` (tests/ on sys.path), so the cache below is shared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+_RESULTS: dict[str, dict | AssertionError] = {}  # a failed launch is cached too: one run per session
+
+
+def torchrun(script: Path, args: list[str], nproc: int = 2, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+    """Run script under torchrun in its own process group, so a hung collective is killed with all its ranks."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += f"\n[killed after {timeout_s:.0f} s]"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def fsdp_worker_result(tiny_kit: dict, out_dir: Path) -> dict:
+    """result.json of one 2-rank worker run (cached per session); fails with the workers' output tail."""
+    key = str(tiny_kit["vl"])
+    if key not in _RESULTS:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        proc = torchrun(HERE / "fsdp_worker.py",
+                        ["--kit", str(tiny_kit["vl"]), "--kit-text", str(tiny_kit["text"]), "--out", str(out_dir)])
+        result_file = out_dir / "result.json"
+        if proc.returncode != 0 or not result_file.exists():
+            _RESULTS[key] = AssertionError(f"torchrun worker failed (rc {proc.returncode}):\n"
+                                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        else:
+            _RESULTS[key] = {**json.loads(result_file.read_text()), "out_dir": str(out_dir)}
+    result = _RESULTS[key]
+    if isinstance(result, AssertionError):
+        raise result
+    return result
+

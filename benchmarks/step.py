@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import free_memory, is_oom, peak_memory_bytes, plot_bars, timeit, write_results  # noqa: E402
-from srpo_fast.data.packing import Sample, pack_microbatches  # noqa: E402
+from srpo_fast.data.packing import Sample  # noqa: E402
 from srpo_fast.kernels import linear_token_logprobs  # noqa: E402
 from srpo_fast.models import (backbone, output_head, packed_token_logprobs, register_varlen_attention,  # noqa: E402
                               varlen_backend)
+from srpo_fast.train.batches import pack_planned, plan_rank_microbatches  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 # Qwen2.5-VL-3B/7B-Instruct language-model shapes (config.json of the released models)
@@ -167,7 +168,8 @@ def run_model(name: str, model, samples: list[Sample], max_tokens: int, device: 
     real_tokens = sum(s.num_tokens for s in samples)
     responses = sum(s.response_ids.numel() for s in samples)
     flops = model_flops(model, samples)
-    packed = pack_microbatches(samples, max_tokens).batches
+    plan = plan_rank_microbatches([s.num_tokens for s in samples], 1, max_tokens)  # the trainer's plan, one rank
+    packed = pack_planned(plan.microbatches[0], samples.__getitem__)
     packed_dev = [b.to(device) for b in packed]
     groups = padded_microbatches(samples, max_tokens)
     padded = build_padded(samples, groups, pad_id=0, device=device)

@@ -1,14 +1,11 @@
-"""data/packing.py: the packed-row layout, M-RoPE ids against the model's own get_rope_index, and the token-budget
-planner (never over budget, every sample exactly once, overlong samples by policy)."""
+"""data/packing.py: the packed-row layout, sample checks, dummy rows, and M-RoPE ids against the model's own
+get_rope_index (the planner that decides which samples share a row is tested in tests/train/test_batches.py)."""
 import random
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from srpo_fast.data.packing import (MRopeIndexer, PackedBatch, Sample, best_fit_decreasing, dummy_batch,
-                                    pack_microbatches, pack_samples, plan_microbatches)
+from srpo_fast.data.packing import MRopeIndexer, PackedBatch, Sample, dummy_batch, pack_samples
 
 
 def text_sample(rng, prompt_len, response_len, masked=False):
@@ -150,55 +147,3 @@ def test_mrope_ids_equal_get_rope_index_of_each_full_sequence(vl_model_and_proce
                  image_grid_thw=samples[0].image_grid_thw, mm_token_type_ids=too_few)
     with pytest.raises(ValueError, match="image tokens"):
         fresh(bad)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 120), min_size=0, max_size=60), st.integers(2, 150),
-       st.sampled_from(["error", "skip"]))
-def test_planner_budget_coverage_and_overlong(lengths, budget, policy):
-    overlong = [i for i, n in enumerate(lengths) if n > budget]
-    if overlong and policy == "error":
-        with pytest.raises(ValueError, match=f"sample {overlong[0]} has {lengths[overlong[0]]} tokens"):
-            plan_microbatches(lengths, budget, on_overlong=policy)
-        return
-    plan = plan_microbatches(lengths, budget, on_overlong=policy)
-    placed = [i for batch in plan.batches for i in batch]
-    assert sorted(placed + plan.skipped) == list(range(len(lengths)))  # each exactly once
-    assert plan.skipped == overlong and plan.num_skipped == len(overlong)
-    assert all(batch and sum(lengths[i] for i in batch) <= budget for batch in plan.batches)
-    fitting = sum(lengths[i] for i in placed)
-    assert len(plan.batches) >= -(-fitting // budget)  # sanity: at least the volume bound
-    # best-fit decreasing never needs more rows than first-fit decreasing
-    ffd: list[int] = []
-    for n in sorted((lengths[i] for i in placed), reverse=True):
-        for j, used in enumerate(ffd):
-            if used + n <= budget:
-                ffd[j] += n
-                break
-        else:
-            ffd.append(n)
-    assert len(plan.batches) <= len(ffd)
-
-
-def test_planner_errors_and_packing_round_trip():
-    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
-        plan_microbatches([3], 1)
-    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
-        plan_microbatches([3], 10.5)
-    with pytest.raises(ValueError, match="on_overlong"):
-        plan_microbatches([3], 10, on_overlong="truncate")
-    with pytest.raises(ValueError, match="length 0"):
-        plan_microbatches([3, 0], 10)
-    rng = random.Random(1)
-    samples = [text_sample(rng, rng.randint(1, 30), rng.randint(1, 30)) for _ in range(40)]
-    samples.append(text_sample(rng, 50, 30))  # 80 tokens: over the budget
-    packed = pack_microbatches(samples, 64, on_overlong="skip")
-    assert packed.skipped == [40] and packed.num_skipped == 1
-    seen = []
-    for b in packed.batches:
-        assert b.num_tokens <= 64
-        seen += b.sample_indices
-        rows = torch.cat([torch.cat([samples[i].prompt_ids, samples[i].response_ids]) for i in b.sample_indices])
-        assert torch.equal(b.input_ids[0], rows)
-    assert sorted(seen) == list(range(40))
-    assert best_fit_decreasing([5, 5, 5], [0, 1, 2], 10) == [[0, 1], [2]]

@@ -13,7 +13,7 @@ from srpo_fast.config import load_config
 from srpo_fast.rollout import Rollouts, RolloutSample
 from srpo_fast.train.experience import score_rollouts, step_metrics
 from srpo_fast.train.run import DataOrder, Run, rank_share
-from srpo_fast.train.update import TrainItem, share_items, split_mini_batches
+from srpo_fast.train.batches import TrainItem, share_items, split_mini_batches
 from srpo_fast.data.packing import Sample
 
 
@@ -153,7 +153,7 @@ from srpo_fast.config import load_config
 from srpo_fast.models import load_policy, shard_model
 from srpo_fast.train.grpo import policy_update
 from srpo_fast.train.run import Run
-from srpo_fast.train.update import TrainItem, exchange_items, share_items
+from srpo_fast.train.batches import TrainItem, exchange_items, share_items
 from srpo_fast.utils.distributed import cleanup, init_distributed, rank, world_size
 from test_train_update import random_items
 

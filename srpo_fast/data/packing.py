@@ -1,4 +1,4 @@
-"""Packing samples (prompt + response, optional images) into padding-free rows under a token budget.
+"""The packed-row layout: samples (prompt + response, optional images) concatenated into padding-free rows.
 
 A micro-batch is ONE row of concatenated sequences: no pad tokens, attention kept inside each sequence by
 `cu_seqlens` (the varlen attention in models/attention.py). Per row:
@@ -13,20 +13,16 @@ A micro-batch is ONE row of concatenated sequences: no pad tokens, attention kep
                  `kernels.grpo_loss` takes (with cu_seqlens=response_cu_seqlens).
   pixel_values / image_grid_thw / mm_token_type_ids: the samples' image tensors concatenated in row order.
 
-The planner (`plan_microbatches`) packs by best-fit decreasing, which never uses more rows than first-fit decreasing
-and keeps rows full; a sample longer than the budget is an error or a counted skip (`on_overlong`).
+Which samples share a row, and on which rank, is planned in train/batches.py.
 """
 from __future__ import annotations
 
-import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-OverlongPolicy = Literal["error", "skip"]
 RopeIndex = Callable[["Sample"], torch.Tensor]
 
 
@@ -144,7 +140,7 @@ class MRopeIndexer:
 class PackedBatch:
     """One packed row (see the module docstring). sample_indices: which input samples, in row order.
 
-    is_dummy marks a filler micro-batch (data/balance.py): it holds one 2-token sequence with loss_mask 0 and
+    is_dummy marks a filler micro-batch (train/batches.py): it holds one 2-token sequence with loss_mask 0 and
     exists only so every rank runs the same number of forward/backward passes.
     """
 
@@ -214,7 +210,7 @@ def _cu(lengths: Sequence[int]) -> torch.Tensor:
 
 def pack_samples(samples: Sequence[Sample], *, rope_index: RopeIndex | None = None,
                  sample_indices: Sequence[int] | None = None) -> PackedBatch:
-    """Concatenate `samples` into one row (no budget check; see `pack_microbatches`).
+    """Concatenate `samples` into one row (no budget check: train/batches.py plans rows under the budget).
 
     rope_index: an `MRopeIndexer` for Qwen2(.5)-VL models (gives [4, 1, L] position ids); None for text models.
     sample_indices: the samples' indices in the caller's list (default 0..n-1), kept for `gather_*`.
@@ -267,91 +263,3 @@ def dummy_batch(*, vision_language: bool, token_id: int = 0) -> PackedBatch:
     batch = pack_samples([sample], rope_index=rope, sample_indices=[-1])
     batch.is_dummy = True
     return batch
-
-
-@dataclass
-class MicroBatchPlan:
-    """batches: lists of sample indices (ascending within a batch), each list's tokens within the budget.
-    skipped: indices of samples longer than the budget (on_overlong="skip")."""
-
-    batches: list[list[int]]
-    skipped: list[int] = field(default_factory=list)
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-
-def check_budget(max_tokens: int) -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-        raise ValueError(f"max_tokens_per_microbatch must be an int >= 2, got {max_tokens!r}")
-    return max_tokens
-
-
-def split_overlong(lengths: Sequence[int], max_tokens: int, on_overlong: OverlongPolicy
-                   ) -> tuple[list[int], list[int]]:
-    """(indices that fit, indices longer than max_tokens); raises for the first overlong one under "error"."""
-    if on_overlong not in ("error", "skip"):
-        raise ValueError(f"on_overlong must be 'error' or 'skip', got {on_overlong!r}")
-    keep, skipped = [], []
-    for i, n in enumerate(lengths):
-        if n < 1:
-            raise ValueError(f"sample {i} has length {n}; lengths must be >= 1")
-        if n > max_tokens:
-            if on_overlong == "error":
-                raise ValueError(f"sample {i} has {n} tokens, more than max_tokens_per_microbatch={max_tokens} "
-                                 "(set on_overlong='skip' to drop such samples)")
-            skipped.append(i)
-        else:
-            keep.append(i)
-    return keep, skipped
-
-
-def best_fit_decreasing(lengths: Sequence[int], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Bins of `indices` (by their lengths) with sums <= max_tokens: longest first, each into the fullest bin that
-    still has room (O(n log n) lookups). Every length must already be <= max_tokens."""
-    order = sorted(indices, key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (remaining room, bin id)
-    for i in order:
-        n = lengths[i]
-        pos = bisect.bisect_left(free, (n, -1))
-        if pos == len(free):
-            bins.append([i])
-            room, b = max_tokens - n, len(bins) - 1
-        else:
-            room, b = free.pop(pos)
-            bins[b].append(i)
-            room -= n
-        bisect.insort(free, (room, b))
-    return [sorted(b) for b in bins]
-
-
-def plan_microbatches(lengths: Sequence[int], max_tokens_per_microbatch: int, *,
-                      on_overlong: OverlongPolicy = "error") -> MicroBatchPlan:
-    """Group samples (given their token counts) into micro-batches of at most max_tokens_per_microbatch tokens."""
-    max_tokens = check_budget(max_tokens_per_microbatch)
-    lengths = [int(n) for n in lengths]
-    keep, skipped = split_overlong(lengths, max_tokens, on_overlong)
-    return MicroBatchPlan(best_fit_decreasing(lengths, keep, max_tokens), skipped)
-
-
-@dataclass
-class PackedMicroBatches:
-    batches: list[PackedBatch]
-    skipped: list[int] = field(default_factory=list)
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-
-def pack_microbatches(samples: Sequence[Sample], max_tokens_per_microbatch: int, *,
-                      on_overlong: OverlongPolicy = "error", rope_index: RopeIndex | None = None
-                      ) -> PackedMicroBatches:
-    """Plan and pack: every sample lands in exactly one row of at most max_tokens_per_microbatch tokens (or is
-    listed in `skipped`)."""
-    plan = plan_microbatches([s.num_tokens for s in samples], max_tokens_per_microbatch, on_overlong=on_overlong)
-    batches = [pack_samples([samples[i] for i in idx], rope_index=rope_index, sample_indices=idx)
-               for idx in plan.batches]
-    return PackedMicroBatches(batches, plan.skipped)

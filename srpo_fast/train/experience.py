@@ -20,7 +20,7 @@ from srpo_fast.reward import score_batch
 from srpo_fast.reward.advantages import group_advantages
 from srpo_fast.rollout import RolloutRequest, Rollouts, RolloutSample, SamplingConfig
 
-from .update import TrainItem
+from .batches import TrainItem
 
 
 def prompt_template(cfg: Config) -> str:

@@ -2,8 +2,8 @@
 
     records (this rank's share) → rollout engine (n samples each, engine token ids)
     → reward (SRPO preset) → group advantages + accuracy filter               (experience.py)
-    → share item facts → plan balanced micro-batches → move items to their rank → pack (update.py)
-    → [old / reference log-probs] → ppo_epochs x mini_batches optimizer steps with grpo_loss
+    → share item facts → plan balanced micro-batches → move items to their rank → pack      (batches.py)
+    → [old / reference log-probs] → ppo_epochs x mini_batches optimizer steps with grpo_loss  (policy_update)
     → stream the updated weights into the engine in buckets → metrics, checkpoint
 
 With ppo_epochs = mini_batches = 1 (SRPO's recipe) the update is on-policy: the ratio's "old" log-probs are the
@@ -27,13 +27,13 @@ from srpo_fast.models import is_vision_language, iter_full_weights, packed_token
 from srpo_fast.models.processor import load_processor
 from srpo_fast.rollout import RolloutEngineConfig
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, rank, world_size
+from srpo_fast.utils.metrics import MetricSums
 
+from .batches import MicroBatch, StepItems, plan_mini_batch, share_items, split_mini_batches
 from .experience import (build_requests, decode_step_records, prompt_template, sampling_for_step, score_rollouts,
                          step_metrics)
 from .run import (DataOrder, Run, build_policy, device_memory, load_train_records, rank_share, start_run,
                   total_steps)
-from .update import (MetricSums, MiniBatch, StepItems, logprobs_of, plan_mini_batch, run_epochs, share_items,
-                     split_mini_batches)
 from .validation import load_val_records, validate
 
 StepCallback = Callable[[int, Run, Any, dict], None]
@@ -98,54 +98,57 @@ def check_grpo_config(cfg: Config) -> None:
                           f"{world_size()} ranks")
 
 
-def engine_mismatch(mini: MiniBatch, batch, logp: torch.Tensor) -> torch.Tensor:
+def engine_mismatch(micro: MicroBatch, logp: torch.Tensor) -> torch.Tensor:
     """Masked mean |trainer log-prob - engine log-prob| before the update: ~0 when the engine holds the policy's
     weights and numerics agree; a jump means a stale or broken weight sync (0 when the engine gave none)."""
-    if batch.is_dummy or any(mini.behavior[p] is None for p in batch.sample_indices):
+    if micro.behavior_logprobs is None:
         return torch.zeros((), device=logp.device)
-    engine = batch.gather_response(mini.behavior).to(logp.device)
-    mask = batch.loss_mask
-    return ((logp.detach().float() - engine).abs() * mask).sum() / mask.sum().clamp(min=1.0)
+    mask = micro.batch.loss_mask
+    return ((logp.detach().float() - micro.behavior_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def policy_update(cfg: Config, run: Run, items: StepItems, rope_index, ref_model) -> dict[str, float]:
     """ppo_epochs x mini_batches optimizer steps on the step's items (all ranks'); returns reduced loss metrics.
     Collective."""
-    algo = cfg.algo
-    temperature = cfg.rollout.temperature
+    algo, temperature = cfg.algo, cfg.rollout.temperature
     minis = [plan_mini_batch(items, idx, max_tokens=cfg.train.max_tokens_per_microbatch, device=run.device,
                              rope_index=rope_index, attention_cost=cfg.train.attention_cost,
                              on_overlong=cfg.train.on_overlong)
              for idx in split_mini_batches(items.facts, algo.mini_batches)]
-    on_policy = algo.ppo_epochs == 1 and algo.mini_batches == 1
-    old = {id(m): logprobs_of(run.model, m.batches, temperature) for m in minis} if not on_policy else {}
-    ref = {id(m): logprobs_of(ref_model, m.batches, temperature) for m in minis} if ref_model is not None else {}
-    sums = MetricSums()  # pg_loss: micro-batch losses add up to each optimizer step's loss
-
-    def micro_loss(mini: MiniBatch, k: int, batch) -> torch.Tensor:
-        logp, entropy = packed_token_logprobs(run.model, batch, temperature=temperature, return_entropy=True)
-        advantages = batch.gather_sequences(mini.advantages).to(run.device)
-        loss, metrics = grpo_loss(
-            logp, old[id(mini)][k] if old else logp.detach(), advantages, batch.loss_mask, batch.response_cu_seqlens,
-            ref[id(mini)][k] if ref else None, clip_low=algo.clip_low, clip_high=algo.clip_high,
-            dual_clip=algo.dual_clip, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, entropy=entropy,
-            entropy_coef=algo.entropy_coef, aggregation=algo.aggregation, is_level=algo.is_level,
-            max_response_len=cfg.rollout.max_tokens, normalizer=max(mini.normalizer(algo.aggregation), 1.0),
-            check=False)
-        before = old[id(mini)][k] if old else logp.detach()
-        metrics["rollout_logprob_abs_diff"] = engine_mismatch(mini, batch, before)
-        sums.add({**metrics, "pg_loss": loss}, batch.loss_mask.sum(), max_keys=("ratio_max",), sum_keys=("pg_loss",))
-        return loss
-
-    steps = run_epochs(run.model, run.optimizer, run.scheduler, minis, epochs=algo.ppo_epochs,
-                       max_grad_norm=cfg.train.max_grad_norm, micro_loss=micro_loss)
+    on_policy = algo.ppo_epochs == 1 and algo.mini_batches == 1  # then "old" is the current log-prob, detached
+    with torch.no_grad():
+        for micro in (micro for mini in minis for micro in mini.micro_batches):
+            if not on_policy:
+                micro.old_logprobs = packed_token_logprobs(run.model, micro.batch, temperature=temperature)
+            if ref_model is not None:
+                micro.ref_logprobs = packed_token_logprobs(ref_model, micro.batch, temperature=temperature)
+    sums, steps = MetricSums(), []  # pg_loss: micro-batch losses add up to each optimizer step's loss
+    run.optimizer.zero_grad(set_to_none=True)
+    for _ in range(algo.ppo_epochs):
+        for mini in minis:
+            normalizer = max(mini.normalizer(algo.aggregation), 1.0)  # global: the same on every rank
+            for micro in mini.micro_batches:
+                batch = micro.batch
+                logp, entropy = packed_token_logprobs(run.model, batch, temperature=temperature, return_entropy=True)
+                old = micro.old_logprobs if micro.old_logprobs is not None else logp.detach()
+                loss, metrics = grpo_loss(
+                    logp, old, micro.advantages, batch.loss_mask, batch.response_cu_seqlens, micro.ref_logprobs,
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+                    kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, entropy=entropy,
+                    entropy_coef=algo.entropy_coef, aggregation=algo.aggregation, is_level=algo.is_level,
+                    max_response_len=cfg.rollout.max_tokens, normalizer=normalizer, check=False)
+                loss.backward()
+                metrics["rollout_logprob_abs_diff"] = engine_mismatch(micro, old)
+                sums.add({**metrics, "pg_loss": loss}, batch.loss_mask.sum(), max_keys=("ratio_max",),
+                         sum_keys=("pg_loss",))
+            steps.append(run.optimizer_step())
     keys = [k for k in LOSS_MEAN_KEYS if k != "kl" or ref_model is not None]
     out = {f"loss/{k}": v for k, v in sums.reduce(keys, max_keys=("ratio_max",), sum_keys=("pg_loss",)).items()}
     out["loss/pg_loss"] /= len(steps)
     out.update({"loss/grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
                 "train/skipped_updates": sum(s["skipped_update"] for s in steps), "train/lr": steps[-1]["lr"],
                 "train/optimizer_steps": float(len(steps)),
-                "train/microbatches": float(sum(len(m.batches) for m in minis)),
+                "train/microbatches": float(sum(len(m.micro_batches) for m in minis)),
                 "train/overlong_skipped": float(sum(m.skipped for m in minis))})
     return out
 

@@ -1,5 +1,5 @@
-"""What both training stages share: the policy under FSDP2, the data order, resume and checkpoints, metrics on the
-main rank, and the final export.
+"""What both training stages share: the policy under FSDP2 and its optimizer step, the data order, resume and
+checkpoints, metrics on the main rank, and the final export.
 
 Resume needs no data-loader state: the order of records is a pure function of (seed, epoch), and step k always
 takes the same slice of it, so the checkpoint's step number is the loader position. Every `train.save_every` steps
@@ -8,6 +8,7 @@ continues from the newest complete one, and metrics logged after it are dropped,
 """
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from srpo_fast.config import Config, config_to_dict, save_config
-from srpo_fast.models import build_lr_scheduler, build_optimizer, load_policy, shard_model
+from srpo_fast.models import build_lr_scheduler, build_optimizer, clip_grad_norm, load_policy, shard_model
 from srpo_fast.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from srpo_fast.utils.distributed import (all_reduce_dict, barrier, default_device, is_main, rank, seed_everything,
                                          world_size)
@@ -177,6 +178,17 @@ class Run:
     @property
     def checkpoint_root(self) -> Path:
         return self.out_dir / CHECKPOINTS
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, schedule. A non-finite gradient norm skips the update (counted), so one bad batch cannot poison
+        the weights."""
+        norm = float(clip_grad_norm(self.model, self.cfg.train.max_grad_norm))
+        finite = math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"grad_norm": norm, "skipped_update": float(not finite), "lr": self.scheduler.get_last_lr()[0]}
 
     def save(self, step: int) -> None:
         """Collective: a complete checkpoint for `step` (model, optimizer, scheduler, RNG), atomically."""

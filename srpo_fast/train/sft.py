@@ -3,7 +3,7 @@
 Each record (EasyR1 schema plus `response`, as `python -m srpo_fast.distill` writes it) is trained as
 prompt = the srpo chat template over `problem` and its images, target = `response` + `<|im_end|>`. The loss is
 −log π(a1, reflection, a2 | q), averaged over every response token of the step (all ranks), prompt tokens
-excluded. Packing, rank balancing, checkpoints and resume are the same as stage 2's (update.py, run.py).
+excluded. Packing, rank balancing, checkpoints and resume are the same as stage 2's (batches.py, run.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from srpo_fast.rollout.prompts import PromptBuilder
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, world_size
 
 from .run import DataOrder, device_memory, load_train_records, rank_share, start_run, total_steps
-from .update import MetricSums, StepItems, TrainItem, plan_mini_batch, run_epochs, share_items
+from .batches import StepItems, TrainItem, plan_mini_batch, share_items
 
 END_OF_TURN = "<|im_end|>"
 
@@ -117,20 +117,17 @@ def sft_update(cfg: Config, run, items: StepItems, rope_index) -> dict[str, floa
     mini = plan_mini_batch(items, range(len(items)), max_tokens=cfg.train.max_tokens_per_microbatch, device=run.device,
                            rope_index=rope_index, attention_cost=cfg.train.attention_cost,
                            on_overlong=cfg.train.on_overlong)
-    normalizer = max(mini.response_tokens, 1.0)
-    sums = MetricSums()
-
-    def micro_loss(mini, k, batch) -> torch.Tensor:
-        logp = packed_token_logprobs(run.model, batch, temperature=1.0)
-        mask = batch.loss_mask
-        nll = -(logp * mask).sum()
-        sums.add({"nll": nll}, 1.0, sum_keys=("nll",))
-        return nll / normalizer
-
-    (step,) = run_epochs(run.model, run.optimizer, run.scheduler, [mini], epochs=1,
-                         max_grad_norm=cfg.train.max_grad_norm, micro_loss=micro_loss)
-    return {"loss/nll": sums.reduce([], sum_keys=("nll",))["nll"] / normalizer, "loss/grad_norm": step["grad_norm"],
-            "train/lr": step["lr"],
+    normalizer = max(mini.response_tokens, 1.0)  # global: the same on every rank
+    nll_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    for micro in mini.micro_batches:
+        logp = packed_token_logprobs(run.model, micro.batch, temperature=1.0)
+        nll = -(logp * micro.batch.loss_mask).sum()
+        (nll / normalizer).backward()
+        nll_sum += nll.detach().double()
+    step = run.optimizer_step()
+    return {"loss/nll": all_reduce_dict({"nll": nll_sum}, op="sum")["nll"] / normalizer,
+            "loss/grad_norm": step["grad_norm"], "train/lr": step["lr"],
             "train/skipped_updates": step["skipped_update"], "train/tokens": mini.response_tokens,
             "train/sequences": float(mini.sequences), "train/overlong_skipped": float(mini.skipped),
-            "train/microbatches": float(len(mini.batches))}
+            "train/microbatches": float(len(mini.micro_batches))}

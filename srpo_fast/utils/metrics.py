@@ -11,9 +11,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+
+from srpo_fast.utils.distributed import all_reduce_dict
 
 
 def _plain(value: Any) -> Any:
@@ -112,3 +114,50 @@ def read_metrics(path: str | Path) -> list[dict]:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
     return rows
+
+
+class MetricSums:
+    """Weighted sums of per-micro-batch metric means, kept as tensors where they are computed: nothing waits for
+    the device until `reduce`, which syncs once and then reduces over ranks in one collective per kind."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
+        self.weight: torch.Tensor | float = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], weight: torch.Tensor | float, max_keys: tuple[str, ...] = (),
+            sum_keys: tuple[str, ...] = ()) -> None:
+        """metrics: 0-d tensors (or floats); `sum_keys` are summed as they are, the rest weighted by `weight`."""
+        self.weight = self.weight + weight
+        for key, value in metrics.items():
+            value = torch.as_tensor(value).detach().double()
+            if key in max_keys:
+                self.maxima[key] = value if key not in self.maxima else torch.maximum(self.maxima[key], value)
+            else:
+                term = value if key in sum_keys else value * weight
+                self.sums[key] = term if key not in self.sums else self.sums[key] + term
+
+    def reduce(self, keys: Sequence[str], max_keys: Sequence[str] = (),
+               sum_keys: Sequence[str] = ()) -> dict[str, float]:
+        """Global weighted means of `keys`, plain sums of `sum_keys` and maxima of `max_keys` (every rank passes
+        the same keys; a rank that saw none contributes 0, or -inf to a maximum)."""
+        local = {"__weight": self.weight, **{k: self.sums.get(k, 0.0) for k in (*keys, *sum_keys)}}
+        sums = all_reduce_dict(_host(local), op="sum")
+        maxima = all_reduce_dict(_host({k: self.maxima.get(k, -math.inf) for k in max_keys}), op="max")
+        weight = sums.pop("__weight")
+        out = {k: (v / weight if weight else 0.0) for k, v in sums.items() if k not in sum_keys}
+        out.update({k: sums[k] for k in sum_keys})
+        out.update({k: (v if math.isfinite(v) else 0.0) for k, v in maxima.items()})
+        return out
+
+
+def _host(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """One device sync for all the tensors of `values`."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return {k: float(v) for k, v in values.items()}
+    device = next(iter(tensors.values())).device
+    flat = torch.stack([v.reshape(()).double().to(device) for v in tensors.values()]).tolist()
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    out.update(zip(tensors, flat))
+    return out

@@ -1,5 +1,6 @@
-"""data/balance.py: Karmarkar–Karp partitions, rank plans balanced within 5% on a realistic length mix, the same
-micro-batch count on every rank (dummies), and the packed per-rank micro-batches."""
+"""train/batches.py's planner: best-fit packing under the token budget (never over budget, every sample exactly once,
+overlong samples by policy), Karmarkar–Karp partitions, rank plans balanced within 5% on a realistic length mix, the
+same micro-batch count on every rank (dummies), and the packed per-rank micro-batches."""
 import math
 import random
 
@@ -8,9 +9,75 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_fast.data.balance import (balanced_microbatches, karmarkar_karp, plan_rank_microbatches,
-                                    sequence_cost)
 from srpo_fast.data.packing import Sample
+from srpo_fast.train.batches import (best_fit_decreasing, karmarkar_karp, pack_planned, plan_rank_microbatches,
+                                     sequence_cost)
+
+
+def text_sample(rng, prompt_len, response_len):
+    return Sample([rng.randrange(5, 900) for _ in range(prompt_len)],
+                  [rng.randrange(5, 900) for _ in range(response_len)])
+
+
+def single_rank(lengths, budget, on_overlong="error"):
+    """The trainer's plan on one rank: (micro-batches as index lists, skipped indices)."""
+    plan = plan_rank_microbatches(lengths, 1, budget, on_overlong=on_overlong)
+    return plan.microbatches[0], plan.skipped
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 120), min_size=0, max_size=60), st.integers(2, 150),
+       st.sampled_from(["error", "skip"]))
+def test_planner_budget_coverage_and_overlong(lengths, budget, policy):
+    overlong = [i for i, n in enumerate(lengths) if n > budget]
+    if overlong and policy == "error":
+        with pytest.raises(ValueError, match=f"sample {overlong[0]} has {lengths[overlong[0]]} tokens"):
+            single_rank(lengths, budget, on_overlong=policy)
+        return
+    batches, skipped = single_rank(lengths, budget, on_overlong=policy)
+    placed = [i for batch in batches for i in batch]
+    assert sorted(placed + skipped) == list(range(len(lengths)))  # each exactly once
+    assert skipped == overlong
+    if not placed:
+        assert batches == [[]]  # nothing to train: one dummy micro-batch, so the step's collectives still run
+        return
+    assert all(batch and sum(lengths[i] for i in batch) <= budget for batch in batches)
+    fitting = sum(lengths[i] for i in placed)
+    assert len(batches) >= -(-fitting // budget)  # sanity: at least the volume bound
+    # best-fit decreasing never needs more rows than first-fit decreasing
+    ffd: list[int] = []
+    for n in sorted((lengths[i] for i in placed), reverse=True):
+        for j, used in enumerate(ffd):
+            if used + n <= budget:
+                ffd[j] += n
+                break
+        else:
+            ffd.append(n)
+    assert len(batches) <= len(ffd)
+
+
+def test_planner_errors_and_packing_round_trip():
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
+        single_rank([3], 1)
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
+        single_rank([3], 10.5)
+    with pytest.raises(ValueError, match="on_overlong"):
+        single_rank([3], 10, on_overlong="truncate")
+    with pytest.raises(ValueError, match="length 0"):
+        single_rank([3, 0], 10)
+    rng = random.Random(1)
+    samples = [text_sample(rng, rng.randint(1, 30), rng.randint(1, 30)) for _ in range(40)]
+    samples.append(text_sample(rng, 50, 30))  # 80 tokens: over the budget
+    batches, skipped = single_rank([s.num_tokens for s in samples], 64, on_overlong="skip")
+    assert skipped == [40]
+    seen = []
+    for b in pack_planned(batches, samples.__getitem__):
+        assert b.num_tokens <= 64 and not b.is_dummy
+        seen += b.sample_indices
+        rows = torch.cat([torch.cat([samples[i].prompt_ids, samples[i].response_ids]) for i in b.sample_indices])
+        assert torch.equal(b.input_ids[0], rows)
+    assert sorted(seen) == list(range(40))
+    assert best_fit_decreasing([5, 5, 5], [0, 1, 2], 10) == [[0, 1], [2]]
 
 
 def realistic_lengths(n, seed):
@@ -85,16 +152,16 @@ def test_plan_errors_and_overlong():
     assert plan.skipped == [1] and sorted(i for mbs in plan.microbatches for mb in mbs for i in mb) == [0, 2]
 
 
-def test_balanced_microbatches_pack_each_rank():
+def test_each_rank_packs_its_planned_share():
     rng = random.Random(3)
-    samples = [Sample([rng.randrange(5, 900) for _ in range(rng.randint(1, 20))],
-                      [rng.randrange(5, 900) for _ in range(rng.randint(1, 20))]) for _ in range(11)]
+    samples = [text_sample(rng, rng.randint(1, 20), rng.randint(1, 20)) for _ in range(11)]
     world, budget = 3, 48
-    per_rank = [balanced_microbatches(samples, r, world, budget) for r in range(world)]
-    assert len({len(p.batches) for p in per_rank}) == 1
+    plan = plan_rank_microbatches([s.num_tokens for s in samples], world, budget)
+    per_rank = [pack_planned(plan.microbatches[r], samples.__getitem__) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1
     seen = []
     for p in per_rank:
-        for b in p.batches:
+        for b in p:
             assert b.num_tokens <= budget
             if b.is_dummy:
                 assert b.loss_mask.sum() == 0 and b.sample_indices == [-1]
@@ -103,10 +170,9 @@ def test_balanced_microbatches_pack_each_rank():
                 assert b.position_ids.shape == (1, b.num_tokens)
     assert sorted(seen) == list(range(11))
     # four ranks for one sample: three of them run only a dummy (4-row positions when packing for a VL model)
-    vl = [balanced_microbatches(samples[:1], r, 4, budget, rope_index=lambda s: torch.arange(s.num_tokens).expand(
-        3, -1)) for r in range(4)]
-    assert [len(p.batches) for p in vl] == [1, 1, 1, 1]
-    assert sum(p.batches[0].is_dummy for p in vl) == 3
-    assert all(p.batches[0].position_ids.shape[0] == 4 for p in vl)
-    with pytest.raises(ValueError, match="rank"):
-        balanced_microbatches(samples, 3, 3, budget)
+    one = plan_rank_microbatches([samples[0].num_tokens], 4, budget)
+    vl = [pack_planned(one.microbatches[r], samples.__getitem__,
+                       rope_index=lambda s: torch.arange(s.num_tokens).expand(3, -1)) for r in range(4)]
+    assert [len(p) for p in vl] == [1, 1, 1, 1]
+    assert sum(p[0].is_dummy for p in vl) == 3
+    assert all(p[0].position_ids.shape[0] == 4 for p in vl)

@@ -232,3 +232,36 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     targets = targets.to(torch.int64).contiguous()
     fn = _TritonTokenLogprobs if choose_backend(logits.device) == "triton" else _TorchTokenLogprobs
     return fn.apply(logits, targets, inv_temp, bool(return_entropy))
+
+
+def compile_variants() -> list:
+    """Every launch the Triton path can make at the shipped shapes (see ``compile_check``)."""
+    from ._variants import DTYPE_NAMES, TOKEN_COUNTS, TRITON_DTYPES, VOCAB_SIZES, KernelVariant, TensorArg
+
+    f32, i64 = TensorArg(torch.float32), TensorArg(torch.int64)
+    out = []
+    for dtype in TRITON_DTYPES:
+        x = TensorArg(dtype)
+        for vocab in VOCAB_SIZES:
+            cfg = _launch_config(vocab)
+            meta = dict(ROWS=cfg["ROWS"], BLOCK_V=cfg["BLOCK_V"])
+            for n in TOKEN_COUNTS:
+                shape = dict(N=n, V=vocab, dtype=DTYPE_NAMES[dtype])
+                tag = f"{DTYPE_NAMES[dtype]},N={n},V={vocab}"
+                fast = dtype == torch.bfloat16 and vocab == VOCAB_SIZES[-1] and n == TOKEN_COUNTS[-1]
+                for ent in (True, False):
+                    out.append(KernelVariant(
+                        "token_logprobs", f"fwd[{tag},ent={int(ent)}]", _token_logprobs_fwd,
+                        dict(logits_ptr=x, targets_ptr=i64, logp_ptr=f32, ent_ptr=f32, lse_ptr=f32, N=n, V=vocab,
+                             stride_row=vocab, inv_temp=1.0, WITH_ENTROPY=ent, ACC=tl.float32, **meta),
+                        num_warps=cfg["num_warps"], stream_elems=cfg["ROWS"] * cfg["BLOCK_V"], shape=shape,
+                        fast=fast and ent))
+                for glogp, gent in ((True, True), (True, False), (False, True)):
+                    out.append(KernelVariant(
+                        "token_logprobs", f"bwd[{tag},glogp={int(glogp)},gent={int(gent)}]", _token_logprobs_bwd,
+                        dict(logits_ptr=x, targets_ptr=i64, lse_ptr=f32, ent_ptr=f32, glogp_ptr=f32, gent_ptr=f32,
+                             dlogits_ptr=x, N=n, V=vocab, stride_row=vocab, stride_drow=vocab, inv_temp=1.0,
+                             HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32, **meta),
+                        num_warps=cfg["num_warps"], stream_elems=cfg["ROWS"] * cfg["BLOCK_V"], shape=shape,
+                        fast=fast and glogp and gent))
+    return out

@@ -36,6 +36,8 @@ def test_fast_subset_compiles_clean_for_hopper_and_ampere(fast_run):
         assert r["ok"] and r["regs"] and r["spill_bytes"] == 0 and r["shared"] <= r["smem_limit"], r
         if r["gemm"]:  # Hopper's warpgroup MMA on sm_90, mma.sync on sm_80
             assert r["tensor_cores"] == ("wgmma" if r["arch"] == 90 else "mma"), r
+    streaming = [r for r in records if r["op"] == "token_logprobs"]  # the floor: <= 12 per logit, no barrier
+    assert streaming and all(r["sass_per_elem"] <= 12 and r["steady_loop"]["BAR"] == 0 for r in streaming)
 
 
 def record(**over):
@@ -51,11 +53,11 @@ def record(**over):
     (dict(shared=300000, fits_smem=False), "shared memory 300000 B"),
     (dict(gemm=True, tensor_cores="none"), "without tensor-core"),
     (dict(ctas_per_sm=0), "do not fit an SM"),
-    (dict(sass_per_elem=21.1), "21.1 SASS instructions per element"),
+    (dict(sass_per_elem=21.1, sass_budget=12), "21.1 SASS instructions per element > its budget 12"),
 ])
 def test_verdict_fails_on_each_defect(bad, reason):
-    assert cc.verdict([record()], max_sass_per_elem=12) == []
-    fails = cc.verdict([record(**bad)], max_sass_per_elem=12)
+    assert cc.verdict([record(sass_per_elem=11.9, sass_budget=12)]) == []
+    fails = cc.verdict([record(**bad)])
     assert len(fails) == 1 and reason in fails[0], fails
 
 

@@ -45,6 +45,8 @@ class KernelVariant:
     gemm: the kernel multiplies matrices (``tl.dot``), so it must compile to tensor-core instructions;
     stream_elems: elements one iteration of the steady (innermost, loading) loop consumes per program, for
         kernels that stream a tensor: the check reports SASS instructions per element from it;
+    sass_budget: the most SASS instructions per streamed element the op allows itself (a selectable variant
+        above it fails the check); None: reported only;
     selectable: the launcher or autotuner can pick it (a compile error, spill or shared-memory overflow in a
         selectable variant fails the check; unselectable ones are reported only);
     group: the autotuner's candidates for one launch share a group: one over the shared-memory limit is pruned by
@@ -61,6 +63,7 @@ class KernelVariant:
     num_stages: int = 3
     gemm: bool = False
     stream_elems: int | None = None
+    sass_budget: float | None = None
     selectable: bool = True
     group: str | None = None
     fast: bool = False

@@ -191,7 +191,7 @@ def compile_variant(variant, arch: int, tc, cache: dict) -> dict:
     """Compile one variant for one arch and measure it; failures come back as a record, never raise."""
     rec = dict(op=variant.op, name=variant.name, arch=arch, num_warps=variant.num_warps,
                num_stages=variant.num_stages, gemm=variant.gemm, selectable=variant.selectable,
-               group=variant.group,
+               group=variant.group, sass_budget=variant.sass_budget,
                shape={k: str(v) for k, v in variant.shape.items()})
     t0 = time.perf_counter()
     try:
@@ -260,11 +260,11 @@ def collect_variants(ops=OPS, fast: bool = False) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- judging
-def verdict(records: list[dict], max_sass_per_elem: float | None = None) -> list[str]:
+def verdict(records: list[dict]) -> list[str]:
     """Why the check fails (empty list: it passes). A selectable variant fails on: a compile error, any
     spill, shared memory over the arch limit (for an autotune candidate only when no candidate of its group
     fits: the autotuner skips the others), registers the SM cannot hold, a GEMM with no tensor-core
-    instruction, and (when given) a streaming steady loop above ``max_sass_per_elem`` per element."""
+    instruction, and a streaming steady loop above the op's own budget of SASS instructions per element."""
     fails, groups = [], {}
     for r in records:
         if not r.get("selectable", True):
@@ -286,9 +286,9 @@ def verdict(records: list[dict], max_sass_per_elem: float | None = None) -> list
             fails.append(f"{where}: spills {r['spill_bytes']} B ({r['regs']} registers)")
         if r["gemm"] and r["tensor_cores"] == "none":
             fails.append(f"{where}: GEMM without tensor-core instructions (FMA code)")
-        per = r.get("sass_per_elem")
-        if max_sass_per_elem is not None and per is not None and per > max_sass_per_elem:
-            fails.append(f"{where}: {per} SASS instructions per element > {max_sass_per_elem}")
+        per, budget = r.get("sass_per_elem"), r.get("sass_budget")
+        if budget is not None and per is not None and per > budget:
+            fails.append(f"{where}: {per} SASS instructions per element > its budget {budget}")
     for (arch, op, group), fits in groups.items():
         if not any(fits):
             fails.append(f"sm_{arch} {op}:{group}: no autotune candidate fits the device (would never launch)")
@@ -336,8 +336,7 @@ def _reexec_without_interpreter() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "srpo_fast.kernels.compile_check", *sys.argv[1:]], env)
 
 
-def run(archs: list[int], ops=OPS, fast: bool = False, max_sass_per_elem: float | None = None,
-        progress=print) -> tuple[list[dict], dict]:
+def run(archs: list[int], ops=OPS, fast: bool = False, progress=print) -> tuple[list[dict], dict]:
     """Compile every (fast) variant of ``ops`` for ``archs``; returns (records, meta with the failures)."""
     tc = _toolchain()
     for arch in archs:
@@ -356,7 +355,7 @@ def run(archs: list[int], ops=OPS, fast: bool = False, max_sass_per_elem: float 
                          f"loop={(r.get('steady_loop') or {}).get('instr')} per_elem={r.get('sass_per_elem')}"
                          if r["ok"] else short_error(r["error"]))
                 progress(f"[sm_{arch}] {v.label:70s} {status} {extra} ({r['compile_s']} s)")
-    failures = verdict(records, max_sass_per_elem)
+    failures = verdict(records)
     meta = dict(triton=tc["triton"].__version__, archs=[f"sm_{a}" for a in archs], variants=len(variants),
                 seconds=round(time.perf_counter() - t0, 1), failures=failures,
                 ptxas={f"sm_{a}": tc["nv"].get_ptxas(a).path.rsplit("/", 1)[-1] for a in archs})
@@ -370,13 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="write the markdown table to this file")
     parser.add_argument("--fast", action="store_true", help="only the variants marked fast (the test-suite subset)")
     parser.add_argument("--only", nargs="+", choices=OPS, default=list(OPS), help="ops to check")
-    parser.add_argument("--max-sass-per-elem", type=float, default=None,
-                        help="also fail a streaming kernel whose steady loop costs more per element")
     args = parser.parse_args(argv)
     if _interpreter_on():
         _reexec_without_interpreter()
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
-    records, meta = run(archs, args.only, args.fast, args.max_sass_per_elem)
+    records, meta = run(archs, args.only, args.fast)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")

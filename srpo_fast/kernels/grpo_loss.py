@@ -171,6 +171,12 @@ if HAS_TRITON:
         tl.store(out + 9, tl.sum(ent_acc, axis=0))
 
 
+def _launch_params() -> tuple[int, int]:
+    """(BLOCK, num_warps): one program per sequence streams it in 1024-token blocks; tiny blocks in the
+    interpreter so tests cover several blocks per sequence."""
+    return (32, 1) if interpreting() else (1024, 4)
+
+
 def _global_scale(stats: torch.Tensor, aggregation: str, normalizer, max_response_len: int | None) -> torch.Tensor:
     """1 / denominator of the aggregation, as a 0-d device tensor (no host sync)."""
     def scalar(value: float) -> torch.Tensor:  # a fill kernel, not a host-to-device copy
@@ -224,7 +230,7 @@ class _TritonGRPOLoss(torch.autograd.Function):
         dent = torch.empty(logp.shape, dtype=dtype, device=logp.device) if need_dent else None
         stats = torch.empty((num_seqs, NUM_STATS), dtype=dtype, device=logp.device)
         dummy = logp
-        block, warps = (32, 1) if interpreting() else (1024, 4)
+        block, warps = _launch_params()
         _grpo_loss_fwd_bwd[(num_seqs,)](
             logp, old_logp, advantages, loss_mask, cu_seqlens,
             ref_logp if ref_logp is not None else dummy, entropy if entropy is not None else dummy,
@@ -402,3 +408,34 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         loss, stats = _torch_grpo_loss(logp, entropy_in, old_logp, advantages, loss_mask, cu_seqlens, ref_logp,
                                        opts)
     return loss, _metrics(stats, ref_logp is not None, entropy is not None)
+
+
+def compile_variants() -> list:
+    """The kernel's launches for fp32 and bf16 inputs over a covering set of option combinations: every
+    constexpr value appears, alone and together with the others (see ``compile_check``)."""
+    from ._variants import KernelVariant, TensorArg
+
+    block, warps = _launch_params()
+    off = dict(ADV_PER_TOKEN=False, HAS_REF=False, KL_EST=2, HAS_ENT=False, DUAL=False, SEQ_LEVEL=False,
+               PER_SEQ_MEAN=False, NEED_DLOGP=True, NEED_DENT=False)
+    cases = {
+        "plain": {},
+        "all-on": dict(ADV_PER_TOKEN=True, HAS_REF=True, HAS_ENT=True, DUAL=True, SEQ_LEVEL=True, PER_SEQ_MEAN=True,
+                       NEED_DENT=True),
+        "gspo,k3,ent-metric": dict(HAS_REF=True, HAS_ENT=True, SEQ_LEVEL=True),
+        "k1,dual,seq-mean": dict(HAS_REF=True, KL_EST=0, DUAL=True, PER_SEQ_MEAN=True),
+        "k2,adv-per-token,ent-grad": dict(HAS_REF=True, KL_EST=1, ADV_PER_TOKEN=True, HAS_ENT=True, NEED_DENT=True),
+        "no-grad(eval)": dict(HAS_REF=True, HAS_ENT=True, NEED_DLOGP=False),
+    }
+    out = []
+    for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        x, f32 = TensorArg(dtype), TensorArg(torch.float32)
+        for name, case in cases.items():
+            args = dict(logp_ptr=x, old_ptr=x, adv_ptr=x, mask_ptr=f32, cu_ptr=TensorArg(torch.int32), ref_ptr=x,
+                        ent_ptr=x, dlogp_ptr=f32, dent_ptr=f32, stats_ptr=f32, clip_low=0.2, clip_high=0.28,
+                        dual_clip=3.0, kl_coef=0.01, entropy_coef=0.001, BLOCK=block, ACC=tl.float32,
+                        **{**off, **case})
+            out.append(KernelVariant("grpo_loss", f"fwd_bwd[{dname},{name}]", _grpo_loss_fwd_bwd, args,
+                                     num_warps=warps, stream_elems=block, shape=dict(dtype=dname),
+                                     fast=dname == "fp32" and name == "all-on"))
+    return out

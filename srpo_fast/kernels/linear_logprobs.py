@@ -377,3 +377,50 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     targets = targets.to(torch.int64).contiguous()
     return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), backend,
                                       chunk_size)
+
+
+def compile_variants() -> list:
+    """Every autotune candidate of the forward and logit-gradient kernels at the shipped shapes, for each dtype
+    the dispatcher sends here (fp32 as tf32), so the compile check sees each config the autotuner may pick.
+    Hidden sizes and vocabularies all specialize alike (multiples of 16); token counts differ (see _variants)."""
+    import types
+    from unittest import mock
+
+    from ._variants import DTYPE_NAMES, HIDDEN_SIZES, VOCAB_SIZES, KernelVariant, TensorArg
+
+    f32, i64 = TensorArg(torch.float32), TensorArg(torch.int64)
+    hdim, vocab = HIDDEN_SIZES[1], VOCAB_SIZES[1]
+    plans = [(torch.bfloat16, 4097, False), (torch.bfloat16, 65536, False), (torch.bfloat16, 65536, True),
+             (torch.float16, 65536, False), (torch.float32, 65536, False)]
+    out = []
+    for dtype, n, bias in plans:
+        x = TensorArg(dtype)
+        flags = dict(UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else None, ACC=tl.float32)
+        with mock.patch.object(torch.cuda, "get_device_properties",
+                               lambda device=None: types.SimpleNamespace(multi_processor_count=132)):
+            splits = _num_splits(n, vocab, torch.device("cuda", 0))
+        tag = f"{DTYPE_NAMES[dtype]},N={n}{',bias' if bias else ''}"
+        shape = dict(N=n, H=hdim, V=vocab, dtype=DTYPE_NAMES[dtype])
+        for ci, c in enumerate(_linear_logprobs_fwd.configs):
+            kw = c.kwargs
+            ctag = f"BN{kw['BLOCK_N']}_BV{kw['BLOCK_V']}_BH{kw['BLOCK_H']}_w{c.num_warps}_s{c.num_stages}"
+            fast = dtype == torch.bfloat16 and n == 65536 and not bias and ci == 0
+            out.append(KernelVariant(
+                "linear_logprobs", f"fwd[{tag},{ctag}]", _linear_logprobs_fwd,
+                dict(h_ptr=x, w_ptr=x, b_ptr=x, targets_ptr=i64, m_ptr=f32, s_ptr=f32, u_ptr=f32, zt_ptr=f32, N=n,
+                     V=vocab, H=hdim, stride_h=hdim, stride_w=hdim, num_splits=splits, inv_temp=1.0,
+                     HAS_BIAS=bias, **flags, **kw),
+                num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=f"fwd[{tag}]", shape=shape,
+                fast=fast))
+            for glogp, gent in ((True, True), (True, False)):
+                if bias and not (glogp and gent):
+                    continue
+                out.append(KernelVariant(
+                    "linear_logprobs", f"dz[{tag},glogp={int(glogp)},gent={int(gent)},{ctag}]", _linear_logprobs_dz,
+                    dict(h_ptr=x, w_ptr=x, b_ptr=x, targets_ptr=i64, lse_ptr=f32, ent_ptr=f32, glogp_ptr=f32,
+                         gent_ptr=f32, dz_ptr=x, N=n, V=vocab, H=hdim, stride_h=hdim, stride_w=hdim,
+                         stride_dz=DEFAULT_CHUNK, col_start=0, width=DEFAULT_CHUNK, inv_temp=1.0, HAS_BIAS=bias,
+                         HAS_GLOGP=glogp, HAS_GENT=gent, **flags, **kw),
+                    num_warps=c.num_warps, num_stages=c.num_stages, gemm=True,
+                    group=f"dz[{tag},glogp={int(glogp)},gent={int(gent)}]", shape=shape, fast=fast and gent))
+    return out

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from srpo_fast.kernels import token_logprobs
-from srpo_fast.kernels._dispatch import choose_backend
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -201,16 +200,20 @@ def test_bad_inputs_raise_clear_errors(backend):
         token_logprobs(logits, targets.to("meta"))
 
 
-def test_backend_selection(monkeypatch):
-    monkeypatch.delenv("SRPO_FAST_KERNELS", raising=False)
-    assert choose_backend(torch.device("cpu")) == "torch"
+def test_backend_argument_and_env(monkeypatch):
+    """backend= beats SRPO_FAST_KERNELS; a bad name is a clear error; Triton forced on CPU without the
+    interpreter says what is missing (the full rule table: test_kernels_dispatch.py)."""
+    logits, targets = torch.randn(2, 5), torch.tensor([0, 1])
     monkeypatch.setenv("SRPO_FAST_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="SRPO_FAST_KERNELS"):
-        choose_backend(torch.device("cpu"))
-    monkeypatch.setenv("SRPO_FAST_KERNELS", "triton")
+        token_logprobs(logits, targets)
+    assert torch.isfinite(token_logprobs(logits, targets, backend="torch")[0]).all()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        token_logprobs(logits, targets, backend="cuda")
+    monkeypatch.setenv("SRPO_FAST_KERNELS", "torch")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]))
+        token_logprobs(logits, targets, backend="triton")
 
 
 @pytest.mark.gpu

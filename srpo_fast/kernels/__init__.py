@@ -8,9 +8,13 @@ With ``return_entropy=False`` the two log-prob ops return ``logp`` alone (a tens
 fp32 (fp64 for fp64 inputs, so gradcheck can run through the kernels). Each op checks its inputs on the host
 by default (``check=False`` skips the one check that syncs with the device).
 
-Backend: Triton for CUDA tensors, the op's torch reference otherwise; ``SRPO_FAST_KERNELS=torch|triton`` forces
-one (Triton on CPU tensors needs ``TRITON_INTERPRET=1``, as the tests use). Triton is optional: without it,
-everything runs on the torch references.
+Backend: Triton for CUDA tensors, the op's torch reference otherwise. Each op takes ``backend="auto"|"torch"|
+"triton"``, which wins over the ``SRPO_FAST_KERNELS`` environment variable (same values); Triton on CPU tensors
+needs ``TRITON_INTERPRET=1``, as the tests use. On CUDA, fp64 inputs, and fp32 inputs to the GEMM op while
+``torch.get_float32_matmul_precision()`` is "highest", run the torch reference with a one-time warning (fp32
+with "high"/"medium" uses tf32 tensor cores). Triton is optional: without it, everything runs on the torch
+references. ``python -m srpo_fast.kernels.compile_check`` compiles every Triton variant for sm_90/sm_80 on a
+machine without a GPU and reports registers, spills, shared memory, tensor cores and SASS cost.
 """
 from .grpo_loss import grpo_loss
 from .linear_logprobs import linear_token_logprobs

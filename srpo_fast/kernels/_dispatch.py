@@ -1,12 +1,25 @@
 """Backend choice and input checks shared by the kernel ops.
 
-Why one place: every op picks Triton or its torch reference the same way (Triton on CUDA, torch on CPU,
-``SRPO_FAST_KERNELS=torch|triton`` forces one) and rejects bad input with the same wording. Triton is
-imported here, optionally, so ``import srpo_fast.kernels`` works on machines without it.
+Why one place: every op picks Triton or its torch reference by the same rules and rejects bad input with the
+same wording. The choice itself (``decide``) is a pure function of the op, dtype, device type, the requested
+backend, ``torch.get_float32_matmul_precision()`` and whether the interpreter is on, so it is tested on CPU;
+``choose`` feeds it the live values and warns once per distinct fallback. Triton is imported here,
+optionally, so ``import srpo_fast.kernels`` works on machines without it.
+
+Rules: ``backend=`` on the call wins over ``SRPO_FAST_KERNELS``; either may say auto (the default), torch or
+triton. Auto means Triton on CUDA, torch elsewhere; forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1``.
+On CUDA, some inputs never reach Triton even when it is forced, because no kernel config can launch well or
+at all; they run the torch reference with a one-time warning: fp64 (no GEMM tile fits shared memory, and fp64
+has no tensor cores), dtypes other than bf16/fp16/fp32/fp64, and fp32 ``linear_token_logprobs`` while
+``torch.get_float32_matmul_precision()`` is "highest" (full-fp32 ``tl.dot`` is FMA code that spills; "high"
+or "medium" allow tf32 tensor cores, as they do for torch's own matmuls).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +32,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 HAS_TRITON = triton is not None
 BACKEND_ENV = "SRPO_FAST_KERNELS"
+BACKENDS = ("auto", "torch", "triton")
+GEMM_OPS = ("linear_token_logprobs",)  # ops whose Triton kernels multiply matrices with tl.dot
+TRITON_CUDA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def interpreting() -> bool:
@@ -26,24 +42,76 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose_backend(device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+@dataclass(frozen=True)
+class Choice:
+    """Where an op runs: ``backend`` "triton" or "torch"; ``precision``: tl.dot's input precision for fp32
+    GEMM inputs ("tf32", or "ieee" in the interpreter), else None; ``fallback``: why an input that asked for
+    (or would default to) Triton runs the torch reference instead, said once as a warning."""
 
-    Default: Triton on CUDA, torch elsewhere. ``SRPO_FAST_KERNELS=triton`` forces Triton (CPU tensors need
-    ``TRITON_INTERPRET=1``); ``SRPO_FAST_KERNELS=torch`` forces the torch reference.
-    """
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced not in ("", "auto", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be 'torch', 'triton' or unset, got {forced!r}")
-    if forced == "torch":
-        return "torch"
-    if forced == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
-        if device.type != "cuda" and not interpreting():
-            raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-        return "triton"
-    return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+    backend: str
+    precision: str | None = None
+    fallback: str | None = None
+
+
+def _requested(name: str, value: str | None) -> str:
+    value = (value or "auto").strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS} (or unset), got {value!r}")
+    return value
+
+
+def decide(op: str, dtype: torch.dtype, device_type: str, *, backend: str | None = None, env: str | None = None,
+           fp32_precision: str = "highest", interpret: bool = False, has_triton: bool = True) -> Choice:
+    """The backend rules (module docstring) as a pure function; raises ValueError for an unknown backend
+    name and RuntimeError when Triton is forced where it cannot run at all."""
+    want = _requested("backend", backend)
+    if want == "auto":
+        want = _requested(BACKEND_ENV, env)
+    if want == "torch":
+        return Choice("torch")
+    runnable = has_triton and (device_type == "cuda" or interpret)
+    if want == "triton" and not runnable:
+        if not has_triton:
+            raise RuntimeError(f"{op}: the Triton backend was requested but triton is not installed")
+        raise RuntimeError(f"{op}: the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for "
+                           f"{device_type} tensors")
+    if not runnable or (want == "auto" and device_type != "cuda"):
+        return Choice("torch")
+    if device_type != "cuda":  # the interpreter: every dtype, exact fp32 dots, for tests
+        return Choice("triton", "ieee" if dtype == torch.float32 and op in GEMM_OPS else None)
+    if dtype == torch.float64:
+        return Choice("torch", fallback=f"{op}: fp64 inputs on CUDA run the torch reference (no Triton config of "
+                                        "this op is built for fp64)")
+    if dtype not in TRITON_CUDA_DTYPES:
+        return Choice("torch", fallback=f"{op}: {dtype} inputs run the torch reference (Triton kernels take "
+                                        "bf16, fp16 and fp32)")
+    if dtype == torch.float32 and op in GEMM_OPS:
+        if fp32_precision == "highest":
+            return Choice("torch", fallback=f"{op}: fp32 inputs with torch.get_float32_matmul_precision() == "
+                                            "'highest' run the torch reference (full-fp32 tl.dot has no tensor "
+                                            "cores); torch.set_float32_matmul_precision('high') enables tf32")
+        return Choice("triton", "tf32")
+    return Choice("triton")
+
+
+_WARNED: set[str] = set()
+
+
+def choose(op: str, tensor: torch.Tensor, backend: str | None = None) -> Choice:
+    """``decide`` for this tensor's dtype and device under the live settings; warns once per fallback reason."""
+    choice = decide(op, tensor.dtype, tensor.device.type, backend=backend, env=os.environ.get(BACKEND_ENV),
+                    fp32_precision=torch.get_float32_matmul_precision(), interpret=interpreting(),
+                    has_triton=HAS_TRITON)
+    if choice.fallback and choice.fallback not in _WARNED:
+        _WARNED.add(choice.fallback)
+        warnings.warn(choice.fallback, RuntimeWarning, stacklevel=3)
+    return choice
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make ``tensor``'s GPU the current device while Triton launches (it launches on the current device,
+    so tensors on cuda:1 would otherwise be read from a kernel running on cuda:0)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,8 @@ from ._dispatch import (
     check_float,
     check_int,
     check_same_device,
-    choose_backend,
+    choose,
+    device_guard,
     interpreting,
     tl,
     tl_dtype,
@@ -55,6 +56,10 @@ LOSS, TOKENS, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO_SUM, RATIO_MAX, APPROX_KL, K
 NUM_STATS = 10
 
 if HAS_TRITON:
+    # the stats columns as compile-time constants for the kernel (a module-level int is not visible inside it)
+    (LOSS_T, TOKENS_T, CLIP_LOW_T, CLIP_HIGH_T, CLIP_DUAL_T, RATIO_SUM_T, RATIO_MAX_T, APPROX_KL_T, KL_T,
+     ENTROPY_T, NUM_STATS_T) = (tl.constexpr(i) for i in (LOSS, TOKENS, CLIP_LOW, CLIP_HIGH, CLIP_DUAL, RATIO_SUM,
+                                                          RATIO_MAX, APPROX_KL, KL, ENTROPY, NUM_STATS))
 
     @triton.jit
     def _grpo_loss_fwd_bwd(logp_ptr, old_ptr, adv_ptr, mask_ptr, cu_ptr, ref_ptr, ent_ptr, dlogp_ptr, dent_ptr,
@@ -158,17 +163,17 @@ if HAS_TRITON:
             ratio_acc += tl.where(on, m * ratio, 0.0)
             ratio_max = tl.maximum(ratio_max, tl.where(on, ratio, float("-inf")))
             akl_acc += tl.where(on, m * (ratio_tok - 1.0 - log_ratio), 0.0)
-        out = stats_ptr + seq * 10
-        tl.store(out + 0, tl.sum(loss_acc, axis=0))
-        tl.store(out + 1, n)
-        tl.store(out + 2, tl.sum(low_acc, axis=0))
-        tl.store(out + 3, tl.sum(high_acc, axis=0))
-        tl.store(out + 4, tl.sum(dual_acc, axis=0))
-        tl.store(out + 5, tl.sum(ratio_acc, axis=0))
-        tl.store(out + 6, tl.max(ratio_max, axis=0))
-        tl.store(out + 7, tl.sum(akl_acc, axis=0))
-        tl.store(out + 8, tl.sum(kl_acc, axis=0))
-        tl.store(out + 9, tl.sum(ent_acc, axis=0))
+        out = stats_ptr + seq * NUM_STATS_T
+        tl.store(out + LOSS_T, tl.sum(loss_acc, axis=0))
+        tl.store(out + TOKENS_T, n)
+        tl.store(out + CLIP_LOW_T, tl.sum(low_acc, axis=0))
+        tl.store(out + CLIP_HIGH_T, tl.sum(high_acc, axis=0))
+        tl.store(out + CLIP_DUAL_T, tl.sum(dual_acc, axis=0))
+        tl.store(out + RATIO_SUM_T, tl.sum(ratio_acc, axis=0))
+        tl.store(out + RATIO_MAX_T, tl.max(ratio_max, axis=0))
+        tl.store(out + APPROX_KL_T, tl.sum(akl_acc, axis=0))
+        tl.store(out + KL_T, tl.sum(kl_acc, axis=0))
+        tl.store(out + ENTROPY_T, tl.sum(ent_acc, axis=0))
 
 
 def _launch_params() -> tuple[int, int]:
@@ -374,7 +379,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
               kl_estimator: str = "k3", entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
               aggregation: str = "token-mean", is_level: str = "token", max_response_len: int | None = None,
-              normalizer: float | torch.Tensor | None = None, check: bool = True):
+              normalizer: float | torch.Tensor | None = None, check: bool = True, backend: str | None = None):
     """Clipped policy-gradient loss over packed sequences; see the module docstring for the exact math.
 
     Args:
@@ -385,6 +390,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         max_response_len: Dr.GRPO's constant (``seq-mean-token-sum-norm`` only); None = longest masked length.
         normalizer: replaces the batch-local denominator (token count or sequence count) with a global one.
         check: validate cu_seqlens on the host (one device sync); pass False in the training loop.
+        backend: "auto" (default: Triton on CUDA), "torch" or "triton"; overrides ``SRPO_FAST_KERNELS``.
 
     Returns:
         ``(loss, metrics)``: a 0-d fp32 loss (fp64 for fp64 logp) and a dict of 0-d fp32 metric tensors.
@@ -397,13 +403,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     _validate(logp, old_logp, advantages, loss_mask, cu_seqlens, ref_logp, entropy, opts, check)
     # with entropy_coef == 0 the entropy only feeds the metric: no gradient buffer for it
     entropy_in = entropy.detach() if entropy is not None and entropy_coef == 0.0 else entropy
-    if choose_backend(logp.device) == "triton":
+    if choose("grpo_loss", logp, backend).backend == "triton":
         dtype = acc_dtype(logp.dtype)
         mask = loss_mask.to(dtype).contiguous()
-        loss, stats = _TritonGRPOLoss.apply(
-            logp.contiguous(), None if entropy_in is None else entropy_in.contiguous(),
-            old_logp.contiguous(), advantages.contiguous(), mask, cu_seqlens.contiguous(),
-            None if ref_logp is None else ref_logp.contiguous(), opts)
+        with device_guard(logp):
+            loss, stats = _TritonGRPOLoss.apply(
+                logp.contiguous(), None if entropy_in is None else entropy_in.contiguous(),
+                old_logp.contiguous(), advantages.contiguous(), mask, cu_seqlens.contiguous(),
+                None if ref_logp is None else ref_logp.contiguous(), opts)
     else:
         loss, stats = _torch_grpo_loss(logp, entropy_in, old_logp, advantages, loss_mask, cu_seqlens, ref_logp,
                                        opts)

@@ -36,7 +36,8 @@ from ._dispatch import (
     check_same_device,
     check_targets_in_range,
     check_temperature,
-    choose_backend,
+    choose,
+    device_guard,
     interpreting,
     tl,
     tl_dtype,
@@ -149,11 +150,9 @@ if HAS_TRITON:
         tl.store(dz_tile, (d * inv_temp).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
+def _dot_flags(dtype: torch.dtype, precision: str | None) -> dict:
+    """Kernel flags for the input dtype; ``precision``: tl.dot's fp32 input precision from the dispatcher."""
     upcast = interpreting() and dtype in (torch.bfloat16, torch.float16)
-    precision = None
-    if dtype == torch.float32:
-        precision = "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not interpreting()) else "ieee"
     return dict(UPCAST=upcast, PRECISION=precision, ACC=tl_dtype(acc_dtype(dtype)))
 
 
@@ -175,7 +174,7 @@ def _merge_splits(m, s, u):
     return m_all + log_s, log_s - u_all / s_all
 
 
-def _triton_forward(hidden, weight, bias, targets, inv_temp):
+def _triton_forward(hidden, weight, bias, targets, inv_temp, precision):
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dtype = acc_dtype(hidden.dtype)
@@ -185,7 +184,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp):
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
     _linear_logprobs_fwd[grid](hidden, weight, bias if bias is not None else hidden, targets, m, s, u, z_target, n,
                                vocab, hdim, hidden.stride(0), weight.stride(0), splits, inv_temp,
-                               HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype))
+                               HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype, precision))
     lse, ent = _merge_splits(m, s, u)
     return z_target - lse, lse, ent
 
@@ -279,7 +278,7 @@ def _backward(ctx, g_logp, g_ent):
                 g_logp_c if g_logp_c is not None else lse, g_ent_c if g_ent_c is not None else lse, dz, n, vocab,
                 hdim, hidden.stride(0), weight.stride(0), dz.stride(0), c0, width, ctx.inv_temp,
                 HAS_BIAS=bias is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-                **_dot_flags(hidden.dtype))
+                **_dot_flags(hidden.dtype, ctx.precision))
         else:
             log_p = _torch_chunk_logits(h_mm, weight, bias, c0, width, ctx.inv_temp) - lse[:, None]
             p = log_p.exp()
@@ -308,13 +307,13 @@ def _backward(ctx, g_logp, g_ent):
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, with_entropy: bool, backend: str, chunk: int):
-        if backend == "triton":
-            logp, lse, ent = _triton_forward(hidden, weight, bias, targets, inv_temp)
+    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, with_entropy: bool, choice, chunk: int):
+        if choice.backend == "triton":
+            logp, lse, ent = _triton_forward(hidden, weight, bias, targets, inv_temp, choice.precision)
         else:
             logp, lse, ent = _torch_forward(hidden, weight, bias, targets, inv_temp, chunk)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.inv_temp, ctx.backend, ctx.chunk = inv_temp, backend, chunk
+        ctx.inv_temp, ctx.backend, ctx.precision, ctx.chunk = inv_temp, choice.backend, choice.precision, chunk
         ctx.set_materialize_grads(False)
         return (logp, ent) if with_entropy else logp
 
@@ -322,13 +321,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent=None):
         if g_logp is None and g_ent is None:
             return (None,) * 8
-        d_hidden, d_weight, d_bias = _backward(ctx, g_logp, g_ent)
+        with device_guard(g_logp if g_logp is not None else g_ent):
+            d_hidden, d_weight, d_bias = _backward(ctx, g_logp, g_ent)
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0, return_entropy: bool = True, bias: torch.Tensor | None = None,
-                          *, check: bool = True, chunk_size: int = DEFAULT_CHUNK):
+                          *, check: bool = True, chunk_size: int = DEFAULT_CHUNK, backend: str | None = None):
     """``token_logprobs(hidden @ weight.T + bias, targets, temperature)`` without materializing the logits.
 
     Args:
@@ -339,6 +339,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return_entropy: False returns ``logp`` alone (a tensor), as ``token_logprobs`` does.
         check: verify the targets' range on the host (one device sync); False skips it.
         chunk_size: vocab columns per backward chunk (memory ``e * N * chunk_size``; see the module docstring).
+        backend: "auto" (default: Triton on CUDA), "torch" or "triton"; overrides ``SRPO_FAST_KERNELS``.
+            fp32 inputs use tf32 tensor cores when ``torch.get_float32_matmul_precision()`` allows it, else the
+            torch reference (with a one-time warning); fp64 on CUDA always runs the torch reference.
 
     Returns:
         ``(logp, entropy)`` [N] each, fp32 (fp64 for fp64 inputs), or ``logp``; differentiable w.r.t.
@@ -373,10 +376,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    backend = choose_backend(hidden.device)
+    choice = choose("linear_token_logprobs", hidden, backend)
     targets = targets.to(torch.int64).contiguous()
-    return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), backend,
-                                      chunk_size)
+    with device_guard(hidden):
+        return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), choice,
+                                          chunk_size)
 
 
 def compile_variants() -> list:

@@ -29,7 +29,8 @@ from ._dispatch import (
     check_same_device,
     check_targets_in_range,
     check_temperature,
-    choose_backend,
+    choose,
+    device_guard,
     interpreting,
     last_dim_contiguous,
     tl,
@@ -190,10 +191,12 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         dlogits = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
         g_logp_c = g_logp.contiguous() if g_logp is not None else lse2
         g_ent_c = g_ent.contiguous() if g_ent is not None else lse2
-        _token_logprobs_bwd[(n,)](
-            logits, targets, lse2, ent if ent is not None else lse2, g_logp_c, g_ent_c, dlogits, vocab,
-            logits.stride(0), dlogits.stride(0), ctx.inv_temp * LOG2E, ctx.inv_temp, HAS_GLOGP=g_logp is not None,
-            HAS_GENT=g_ent is not None, ACC=tl_dtype(lse2.dtype), **_launch_config(vocab))
+        with device_guard(logits):  # the autograd engine may run this on another thread's current device
+            _token_logprobs_bwd[(n,)](
+                logits, targets, lse2, ent if ent is not None else lse2, g_logp_c, g_ent_c, dlogits, vocab,
+                logits.stride(0), dlogits.stride(0), ctx.inv_temp * LOG2E, ctx.inv_temp,
+                HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None, ACC=tl_dtype(lse2.dtype),
+                **_launch_config(vocab))
         return dlogits, None, None, None
 
 
@@ -247,7 +250,7 @@ class _TorchTokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   return_entropy: bool = True, *, check: bool = True):
+                   return_entropy: bool = True, *, check: bool = True, backend: str | None = None):
     """Log-probability of each target token (and the entropy of each row) under ``softmax(logits / T)``.
 
     Args:
@@ -257,6 +260,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         return_entropy: when False only ``logp`` is returned (a tensor, not a tuple), and no entropy is computed.
         check: verify targets are in range on the host first (one device sync); pass False in hot loops
             whose targets are known good.
+        backend: "auto" (default: Triton on CUDA), "torch" or "triton"; overrides ``SRPO_FAST_KERNELS``
+            (see ``_dispatch`` for the inputs that always run the torch reference on CUDA).
 
     Returns:
         ``(logp, entropy)``, each [N], fp32 (fp64 for fp64 logits); or ``logp`` alone when
@@ -277,8 +282,10 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         check_targets_in_range(targets, vocab)
     logits = last_dim_contiguous(logits)
     targets = targets.to(torch.int64).contiguous()
-    fn = _TritonTokenLogprobs if choose_backend(logits.device) == "triton" else _TorchTokenLogprobs
-    return fn.apply(logits, targets, inv_temp, bool(return_entropy))
+    choice = choose("token_logprobs", logits, backend)
+    fn = _TritonTokenLogprobs if choice.backend == "triton" else _TorchTokenLogprobs
+    with device_guard(logits):
+        return fn.apply(logits, targets, inv_temp, bool(return_entropy))
 
 
 def compile_variants() -> list:

@@ -95,3 +95,17 @@ def test_occupancy_is_limited_by_registers_threads_or_shared_memory():
     assert cc.occupancy(255, 8, 98304, 90) == (1, "regs")
     assert cc.occupancy(64, 4, 120000, 90) == (1, "smem")
     assert cc.occupancy(32, 16, 64, 90)[0] == 4  # 512 threads: 4 CTAs fill the SM's 2048 threads
+
+
+def test_markdown_report_summarizes_and_lists_failures(fast_run):
+    _, report = fast_run
+    records = report["records"] + [record(op="token_logprobs", name="fwd[broken]", ok=False,
+                                          error="CompilationError: x\ncaused by ValueError: bad | shape")]
+    meta = dict(report["meta"], failures=cc.verdict(records))
+    text = cc.markdown(records, meta)
+    assert "**Failures: 1**" in text and "sm_90 token_logprobs:fwd[broken]: compile error" in text
+    assert "bad / shape" in text  # table-safe
+    rows = {(g["op"], g["kernel"], g["arch"]): g for g in cc.summary(records)}
+    fwd = rows[("token_logprobs", "fwd", 90)]
+    assert fwd["ok"] == fwd["variants"] - 1 and fwd["barriers_in_loop"] == 0 and fwd["sass_per_elem"][1] <= 12
+    assert rows[("linear_logprobs", "fwd", 90)]["tensor_cores"] == ["wgmma"]

@@ -109,3 +109,13 @@ def test_markdown_report_summarizes_and_lists_failures(fast_run):
     fwd = rows[("token_logprobs", "fwd", 90)]
     assert fwd["ok"] == fwd["variants"] - 1 and fwd["barriers_in_loop"] == 0 and fwd["sass_per_elem"][1] <= 12
     assert rows[("linear_logprobs", "fwd", 90)]["tensor_cores"] == ["wgmma"]
+
+
+def test_variants_below_their_min_arch_are_reported_not_judged():
+    from srpo_fast.kernels._variants import KernelVariant
+
+    v = KernelVariant("op", "v", kernel=None, args={}, num_warps=4, min_arch=90)
+    tc = dict(JITFunction=type(None), Heuristics=type(None))
+    assert cc.compile_variant(v, 80, tc, {})["selectable"] is False  # kernel=None: a failed build, not judged
+    assert cc.verdict([cc.compile_variant(v, 80, tc, {})]) == []
+    assert cc.compile_variant(v, 90, tc, {})["selectable"] is True

@@ -44,6 +44,18 @@ def test_fp64_and_exotic_dtypes_on_cuda_run_the_reference(op, requested):
     assert got.backend == "torch" and "float8_e4m3fn" in got.fallback
 
 
+def test_gemm_needs_an_arch_where_a_tile_fits():
+    """fp32 (tf32) GEMM tiles need sm_90's shared memory; half-precision ones run from sm_80; older GPUs and
+    the streaming ops' rules are unaffected."""
+    high = dict(fp32_precision="high")
+    assert decide("linear_token_logprobs", F32, "cuda", capability=(9, 0), **high) == Choice("triton", "tf32")
+    got = decide("linear_token_logprobs", F32, "cuda", capability=(8, 0), backend="triton", **high)
+    assert got.backend == "torch" and "sm_80" in got.fallback and "sm_90" in got.fallback
+    assert decide("linear_token_logprobs", BF16, "cuda", capability=(8, 0)) == Choice("triton")
+    assert decide("linear_token_logprobs", F16, "cuda", capability=(7, 5)).backend == "torch"
+    assert decide("token_logprobs", F32, "cuda", capability=(8, 0)) == Choice("triton")
+
+
 def test_interpreter_runs_every_dtype_in_triton_with_exact_dots():
     for dtype in (BF16, F16, F32, F64):
         got = decide("linear_token_logprobs", dtype, "cpu", env="triton", interpret=True)

@@ -12,7 +12,9 @@ On CUDA, some inputs never reach Triton even when it is forced, because no kerne
 at all; they run the torch reference with a one-time warning: fp64 (no GEMM tile fits shared memory, and fp64
 has no tensor cores), dtypes other than bf16/fp16/fp32/fp64, and fp32 ``linear_token_logprobs`` while
 ``torch.get_float32_matmul_precision()`` is "highest" (full-fp32 ``tl.dot`` is FMA code that spills; "high"
-or "medium" allow tf32 tensor cores, as they do for torch's own matmuls).
+or "medium" allow tf32 tensor cores, as they do for torch's own matmuls). The GEMM op also needs a GPU whose
+shared memory holds one of its autotune tiles: fp32 (tf32) tiles need sm_90's 227 KB (the compile check finds
+no candidate within sm_80's 163 KB), and GPUs before sm_80 are not compiled for at all.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ BACKEND_ENV = "SRPO_FAST_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
 GEMM_OPS = ("linear_token_logprobs",)  # ops whose Triton kernels multiply matrices with tl.dot
 TRITON_CUDA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# lowest compute capability at which each input dtype of a GEMM op has a launchable autotune candidate
+# (read off `python -m srpo_fast.kernels.compile_check`: shared memory per tile vs the arch limit)
+GEMM_MIN_CAPABILITY = {torch.bfloat16: (8, 0), torch.float16: (8, 0), torch.float32: (9, 0)}
 
 
 def interpreting() -> bool:
@@ -61,7 +66,8 @@ def _requested(name: str, value: str | None) -> str:
 
 
 def decide(op: str, dtype: torch.dtype, device_type: str, *, backend: str | None = None, env: str | None = None,
-           fp32_precision: str = "highest", interpret: bool = False, has_triton: bool = True) -> Choice:
+           fp32_precision: str = "highest", capability: tuple[int, int] | None = None, interpret: bool = False,
+           has_triton: bool = True) -> Choice:
     """The backend rules (module docstring) as a pure function; raises ValueError for an unknown backend
     name and RuntimeError when Triton is forced where it cannot run at all."""
     want = _requested("backend", backend)
@@ -85,6 +91,10 @@ def decide(op: str, dtype: torch.dtype, device_type: str, *, backend: str | None
     if dtype not in TRITON_CUDA_DTYPES:
         return Choice("torch", fallback=f"{op}: {dtype} inputs run the torch reference (Triton kernels take "
                                         "bf16, fp16 and fp32)")
+    if op in GEMM_OPS and capability is not None and tuple(capability) < GEMM_MIN_CAPABILITY[dtype]:
+        need = "sm_{}{}".format(*GEMM_MIN_CAPABILITY[dtype])
+        return Choice("torch", fallback=f"{op}: {dtype} inputs on sm_{capability[0]}{capability[1]} run the torch "
+                                        f"reference (no Triton tile config fits below {need})")
     if dtype == torch.float32 and op in GEMM_OPS:
         if fp32_precision == "highest":
             return Choice("torch", fallback=f"{op}: fp32 inputs with torch.get_float32_matmul_precision() == "
@@ -99,9 +109,10 @@ _WARNED: set[str] = set()
 
 def choose(op: str, tensor: torch.Tensor, backend: str | None = None) -> Choice:
     """``decide`` for this tensor's dtype and device under the live settings; warns once per fallback reason."""
+    capability = torch.cuda.get_device_capability(tensor.device) if tensor.is_cuda else None
     choice = decide(op, tensor.dtype, tensor.device.type, backend=backend, env=os.environ.get(BACKEND_ENV),
-                    fp32_precision=torch.get_float32_matmul_precision(), interpret=interpreting(),
-                    has_triton=HAS_TRITON)
+                    fp32_precision=torch.get_float32_matmul_precision(), capability=capability,
+                    interpret=interpreting(), has_triton=HAS_TRITON)
     if choice.fallback and choice.fallback not in _WARNED:
         _WARNED.add(choice.fallback)
         warnings.warn(choice.fallback, RuntimeWarning, stacklevel=3)

@@ -49,6 +49,8 @@ class KernelVariant:
         above it fails the check); None: reported only;
     selectable: the launcher or autotuner can pick it (a compile error, spill or shared-memory overflow in a
         selectable variant fails the check; unselectable ones are reported only);
+    min_arch: the lowest arch (e.g. 90) the dispatcher sends these inputs to Triton on; below it the variant is
+        compiled and reported but not selectable;
     group: the autotuner's candidates for one launch share a group: one over the shared-memory limit is pruned by
         the autotuner (reported, not a failure), but a group with no config that fits fails the check;
     fast: part of the quick subset the test suite compiles;
@@ -66,6 +68,7 @@ class KernelVariant:
     sass_budget: float | None = None
     selectable: bool = True
     group: str | None = None
+    min_arch: int | None = None
     fast: bool = False
     shape: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)

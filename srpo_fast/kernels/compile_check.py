@@ -190,7 +190,8 @@ def occupancy(regs: int, num_warps: int, smem: int, arch: int) -> tuple[int, str
 def compile_variant(variant, arch: int, tc, cache: dict) -> dict:
     """Compile one variant for one arch and measure it; failures come back as a record, never raise."""
     rec = dict(op=variant.op, name=variant.name, arch=arch, num_warps=variant.num_warps,
-               num_stages=variant.num_stages, gemm=variant.gemm, selectable=variant.selectable,
+               num_stages=variant.num_stages, gemm=variant.gemm,
+               selectable=variant.selectable and arch >= (variant.min_arch or 0),
                group=variant.group, sass_budget=variant.sass_budget,
                shape={k: str(v) for k, v in variant.shape.items()})
     t0 = time.perf_counter()

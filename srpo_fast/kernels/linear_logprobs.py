@@ -390,6 +390,7 @@ def compile_variants() -> list:
     import types
     from unittest import mock
 
+    from ._dispatch import GEMM_MIN_CAPABILITY
     from ._variants import DTYPE_NAMES, HIDDEN_SIZES, VOCAB_SIZES, KernelVariant, TensorArg
 
     f32, i64 = TensorArg(torch.float32), TensorArg(torch.int64)
@@ -405,6 +406,7 @@ def compile_variants() -> list:
             splits = _num_splits(n, vocab, torch.device("cuda", 0))
         tag = f"{DTYPE_NAMES[dtype]},N={n}{',bias' if bias else ''}"
         shape = dict(N=n, H=hdim, V=vocab, dtype=DTYPE_NAMES[dtype])
+        min_arch = 10 * GEMM_MIN_CAPABILITY[dtype][0] + GEMM_MIN_CAPABILITY[dtype][1]
         for ci, c in enumerate(_linear_logprobs_fwd.configs):
             kw = c.kwargs
             ctag = f"BN{kw['BLOCK_N']}_BV{kw['BLOCK_V']}_BH{kw['BLOCK_H']}_w{c.num_warps}_s{c.num_stages}"
@@ -415,7 +417,7 @@ def compile_variants() -> list:
                      V=vocab, H=hdim, stride_h=hdim, stride_w=hdim, num_splits=splits, inv_temp=1.0,
                      HAS_BIAS=bias, **flags, **kw),
                 num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=f"fwd[{tag}]", shape=shape,
-                fast=fast))
+                min_arch=min_arch, fast=fast))
             for glogp, gent in ((True, True), (True, False)):
                 if bias and not (glogp and gent):
                     continue
@@ -426,5 +428,6 @@ def compile_variants() -> list:
                          stride_dz=DEFAULT_CHUNK, col_start=0, width=DEFAULT_CHUNK, inv_temp=1.0, HAS_BIAS=bias,
                          HAS_GLOGP=glogp, HAS_GENT=gent, **flags, **kw),
                     num_warps=c.num_warps, num_stages=c.num_stages, gemm=True,
-                    group=f"dz[{tag},glogp={int(glogp)},gent={int(gent)}]", shape=shape, fast=fast and gent))
+                    group=f"dz[{tag},glogp={int(glogp)},gent={int(gent)}]", shape=shape, min_arch=min_arch,
+                    fast=fast and gent))
     return out

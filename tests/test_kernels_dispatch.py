@@ -106,3 +106,19 @@ def test_public_ops_take_a_backend_argument():
     ref = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
     logp = linear_token_logprobs(hidden, weight, targets, return_entropy=False, backend="torch")
     assert torch.allclose(logp.double(), ref, atol=1e-5)
+
+
+def test_gemm_kernel_precision_agrees_with_the_decision(monkeypatch):
+    """The GEMM launcher reads its fp32 dot precision from dot_precision(): the same as decide() chose."""
+    for interpret, device in (("1", "cpu"), ("0", "cuda")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        for dtype in (BF16, F16, F32):
+            chosen = decide("linear_token_logprobs", dtype, device, backend="triton", fp32_precision="high",
+                            interpret=interpret == "1", capability=(9, 0) if device == "cuda" else None)
+            assert chosen.backend == "triton" and _dispatch.dot_precision(dtype) == chosen.precision
+
+
+def test_choose_backend_without_a_dtype(monkeypatch):
+    monkeypatch.delenv("SRPO_FAST_KERNELS", raising=False)
+    assert _dispatch.choose_backend(torch.device("cpu")) == "torch"
+    assert _dispatch.choose_backend(torch.device("cpu"), backend="triton") == "triton"  # conftest: interpreter on

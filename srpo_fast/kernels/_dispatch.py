@@ -119,6 +119,21 @@ def choose(op: str, tensor: torch.Tensor, backend: str | None = None) -> Choice:
     return choice
 
 
+def choose_backend(device: torch.device, backend: str | None = None) -> str:
+    """"triton" or "torch" for tensors on ``device`` by the device and the requested backend alone, for callers
+    with no input dtype yet (e.g. warming a kernel up); an op call goes through ``choose``."""
+    return decide("any", torch.bfloat16, device.type, backend=backend, env=os.environ.get(BACKEND_ENV),
+                  interpret=interpreting(), has_triton=HAS_TRITON).backend
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input precision for a GEMM kernel's input dtype: fp32 reaches Triton on CUDA only when
+    ``decide`` allowed tf32; the interpreter computes fp32 dots exactly ("ieee"); half precision: None."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if interpreting() else "tf32"
+
+
 def device_guard(tensor: torch.Tensor):
     """Make ``tensor``'s GPU the current device while Triton launches (it launches on the current device,
     so tensors on cuda:1 would otherwise be read from a kernel running on cuda:0)."""

@@ -37,7 +37,9 @@ from ._dispatch import (
     check_targets_in_range,
     check_temperature,
     choose,
+    choose_backend,
     device_guard,
+    dot_precision,
     interpreting,
     tl,
     tl_dtype,
@@ -150,10 +152,9 @@ if HAS_TRITON:
         tl.store(dz_tile, (d * inv_temp).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _dot_flags(dtype: torch.dtype, precision: str | None) -> dict:
-    """Kernel flags for the input dtype; ``precision``: tl.dot's fp32 input precision from the dispatcher."""
+def _dot_flags(dtype: torch.dtype) -> dict:
     upcast = interpreting() and dtype in (torch.bfloat16, torch.float16)
-    return dict(UPCAST=upcast, PRECISION=precision, ACC=tl_dtype(acc_dtype(dtype)))
+    return dict(UPCAST=upcast, PRECISION=dot_precision(dtype), ACC=tl_dtype(acc_dtype(dtype)))
 
 
 def _num_splits(n: int, vocab: int, device: torch.device) -> int:
@@ -174,7 +175,7 @@ def _merge_splits(m, s, u):
     return m_all + log_s, log_s - u_all / s_all
 
 
-def _triton_forward(hidden, weight, bias, targets, inv_temp, precision):
+def _triton_forward(hidden, weight, bias, targets, inv_temp):
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dtype = acc_dtype(hidden.dtype)
@@ -184,7 +185,7 @@ def _triton_forward(hidden, weight, bias, targets, inv_temp, precision):
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
     _linear_logprobs_fwd[grid](hidden, weight, bias if bias is not None else hidden, targets, m, s, u, z_target, n,
                                vocab, hdim, hidden.stride(0), weight.stride(0), splits, inv_temp,
-                               HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype, precision))
+                               HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype))
     lse, ent = _merge_splits(m, s, u)
     return z_target - lse, lse, ent
 
@@ -278,7 +279,7 @@ def _backward(ctx, g_logp, g_ent):
                 g_logp_c if g_logp_c is not None else lse, g_ent_c if g_ent_c is not None else lse, dz, n, vocab,
                 hdim, hidden.stride(0), weight.stride(0), dz.stride(0), c0, width, ctx.inv_temp,
                 HAS_BIAS=bias is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-                **_dot_flags(hidden.dtype, ctx.precision))
+                **_dot_flags(hidden.dtype))
         else:
             log_p = _torch_chunk_logits(h_mm, weight, bias, c0, width, ctx.inv_temp) - lse[:, None]
             p = log_p.exp()
@@ -307,13 +308,13 @@ def _backward(ctx, g_logp, g_ent):
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, with_entropy: bool, choice, chunk: int):
-        if choice.backend == "triton":
-            logp, lse, ent = _triton_forward(hidden, weight, bias, targets, inv_temp, choice.precision)
+    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, with_entropy: bool, backend: str, chunk: int):
+        if backend == "triton":
+            logp, lse, ent = _triton_forward(hidden, weight, bias, targets, inv_temp)
         else:
             logp, lse, ent = _torch_forward(hidden, weight, bias, targets, inv_temp, chunk)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.inv_temp, ctx.backend, ctx.precision, ctx.chunk = inv_temp, choice.backend, choice.precision, chunk
+        ctx.inv_temp, ctx.backend, ctx.chunk = inv_temp, backend, chunk
         ctx.set_materialize_grads(False)
         return (logp, ent) if with_entropy else logp
 
@@ -376,10 +377,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    choice = choose("linear_token_logprobs", hidden, backend)
+    backend = choose("linear_token_logprobs", hidden, backend).backend
     targets = targets.to(torch.int64).contiguous()
     with device_guard(hidden):
-        return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), choice,
+        return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), backend,
                                           chunk_size)
 
 

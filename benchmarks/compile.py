@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
            "--md", str(table_md), *(["--fast"] if args.smoke else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     report = json.loads(table_json.read_text()) if table_json.is_file() else None
+    def shown(path: Path) -> str:
+        return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
     summary = {"benchmark": "compile", "smoke": args.smoke, "returncode": proc.returncode,
-               "table_json": str(table_json), "table_md": str(table_md),
+               "table_json": shown(table_json), "table_md": shown(table_md),
                "meta": report["meta"] if report else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -15,6 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     """One real run of the checker (its own process: the kernels must be built without the interpreter)."""
+    problem = cc.toolchain_problem()
+    if problem:  # e.g. the GPU test machine's older triton: the CPU CI runs this check
+        pytest.skip(problem)
     out = tmp_path_factory.mktemp("compile") / "fast.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

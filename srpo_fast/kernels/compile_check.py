@@ -51,6 +51,22 @@ def _interpreter_on() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- compiling
+def toolchain_problem() -> str | None:
+    """Why this environment cannot run the check (None when it can): it needs Triton's NVIDIA backend with
+    the launch-time specializer this file mirrors (Triton 3.9's ``native_specialize_impl``)."""
+    try:
+        import triton
+        from triton.backends.nvidia import compiler as nv
+        from triton.runtime import jit
+    except ImportError as exc:
+        return f"triton with its NVIDIA backend is not importable ({exc})"
+    if not hasattr(jit, "native_specialize_impl") or not hasattr(jit, "MockTensor"):
+        return f"triton {triton.__version__} lacks the launch-time specializer the check mirrors (needs 3.9)"
+    if not os.path.exists(nv.get_ptxas(90).path):
+        return "the triton wheel ships no ptxas"
+    return None
+
+
 def _toolchain():
     """Triton's compiler entry points, imported late: TRITON_INTERPRET must be unset before triton loads."""
     import triton
@@ -414,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if _interpreter_on():
         _reexec_without_interpreter()
+    problem = toolchain_problem()
+    if problem:
+        print(f"compile check cannot run here: {problem}", file=sys.stderr)
+        return 2
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
     records, meta = run(archs, args.only, args.fast)
     if args.json:

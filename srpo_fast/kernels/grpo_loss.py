@@ -435,9 +435,11 @@ def compile_variants() -> list:
         "no-grad(eval)": dict(HAS_REF=True, HAS_ENT=True, NEED_DLOGP=False),
     }
     out = []
-    for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         x, f32 = TensorArg(dtype), TensorArg(torch.float32)
         for name, case in cases.items():
+            if dname == "fp16" and name not in ("plain", "all-on"):
+                continue  # fp16 loads compile like bf16 ones: the two extremes suffice
             args = dict(logp_ptr=x, old_ptr=x, adv_ptr=x, mask_ptr=f32, cu_ptr=TensorArg(torch.int32), ref_ptr=x,
                         ent_ptr=x, dlogp_ptr=f32, dent_ptr=f32, stats_ptr=f32, clip_low=0.2, clip_high=0.28,
                         dual_clip=3.0, kl_coef=0.01, entropy_coef=0.001, BLOCK=block, ACC=tl.float32,

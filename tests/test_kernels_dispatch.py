@@ -21,7 +21,8 @@ def test_half_precision_on_cuda_runs_triton(op, dtype):
 
 
 @pytest.mark.parametrize("precision,expected", [
-    ("highest", Choice("torch", fallback="x")), ("high", Choice("triton", "tf32")), ("medium", Choice("triton", "tf32")),
+    ("highest", Choice("torch", fallback="x")), ("high", Choice("triton", "tf32")),
+    ("medium", Choice("triton", "tf32")),
 ])
 def test_fp32_gemm_uses_tf32_only_when_torch_allows_it(precision, expected):
     got = decide("linear_token_logprobs", F32, "cuda", fp32_precision=precision)

@@ -37,7 +37,6 @@ from ._dispatch import (
     check_targets_in_range,
     check_temperature,
     choose,
-    choose_backend,
     device_guard,
     dot_precision,
     interpreting,

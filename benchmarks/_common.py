@@ -3,6 +3,10 @@
 Timing uses CUDA events on GPU (so host overhead between launches does not count twice) and perf_counter on
 CPU. Peak memory on GPU is the allocator's peak above what was allocated before the call; on CPU it is the peak
 of live bytes from the profiler's allocation events (the only view of torch's CPU allocations).
+
+On CUDA with NVML (nvidia-ml-py), GPU telemetry rides along: `timeit` adds a "gpu" entry (mean utilization, device
+memory, power, SM clock over its timed iterations), and every results file gets "gpu_telemetry", the means over the
+whole script from its first use of this module. Absent on CPU or without NVML.
 """
 from __future__ import annotations
 
@@ -18,8 +22,30 @@ from typing import Any
 
 import torch
 
+from srpo_fast.utils.telemetry import gpu_sampler
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+_SCRIPT_PHASE = "script"  # the telemetry phase that spans the whole benchmark script
+_TIMED_PHASE = "timed"
+
+
+_TELEMETRY: list = []  # [sampler or None], opened once per process
+
+
+def telemetry():
+    """This process's GPU sampler with the whole-script phase open (None on CPU or without NVML)."""
+    if not _TELEMETRY:
+        sampler = gpu_sampler()
+        if sampler is not None:
+            sampler.begin(_SCRIPT_PHASE)
+        _TELEMETRY.append(sampler)
+    return _TELEMETRY[0]
+
+
+telemetry()  # start sampling when a script imports the helpers, so gpu_telemetry covers the whole run
 
 
 def sync(device: torch.device) -> None:
@@ -33,6 +59,9 @@ def timeit(fn: Callable[[Any], Any], *, device: torch.device, setup: Callable[[]
     for _ in range(warmup):
         fn(setup() if setup else None)
     sync(device)
+    sampler = telemetry() if device.type == "cuda" else None
+    if sampler is not None:
+        sampler.begin(_TIMED_PHASE)
     times = []
     for _ in range(iters):
         arg = setup() if setup else None
@@ -48,7 +77,11 @@ def timeit(fn: Callable[[Any], Any], *, device: torch.device, setup: Callable[[]
             t0 = time.perf_counter()
             fn(arg)
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times)}
+    out = {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times)}
+    if sampler is not None:
+        sampler.end(_TIMED_PHASE)
+        out["gpu"] = sampler.take(_TIMED_PHASE).get(_TIMED_PHASE, {})
+    return out
 
 
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
@@ -112,6 +145,9 @@ def write_results(name: str, data: dict[str, Any], out: str | Path | None = None
     path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "environment": environment(), **data}
+    sampler = telemetry()
+    if sampler is not None:
+        payload["gpu_telemetry"] = sampler.means(_SCRIPT_PHASE)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=float) + "\n")
     return path
 

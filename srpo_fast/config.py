@@ -133,6 +133,7 @@ class TrainConfig:
     attention_cost: float = 0.0  # rank balancing cost = tokens + attention_cost * tokens^2
     min_lr_ratio: float = 0.0  # cosine schedule floor, as a fraction of lr
     cpu_offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
+    offload_optimizer: str = "torch"  # cpu_offload's optimizer step: torch | deepspeed_cpu_adam (DeepSpeed's op)
     export_final: bool = True  # write final_model/ (HF safetensors + processor) at the end
     seed: int = 0
     save_every: int = 50
@@ -153,6 +154,10 @@ class TrainConfig:
         _in_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         _positive("train.max_tokens_per_microbatch", self.max_tokens_per_microbatch)
         _one_of("train.on_overlong", self.on_overlong, ("skip", "error"))
+        _one_of("train.offload_optimizer", self.offload_optimizer, ("torch", "deepspeed_cpu_adam"))
+        if self.offload_optimizer != "torch" and not self.cpu_offload:
+            raise ConfigError(f"train.offload_optimizer={self.offload_optimizer} updates CPU tensors: it needs "
+                              "train.cpu_offload=true")
         _in_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if self.attention_cost < 0:
             raise ConfigError(f"train.attention_cost must be >= 0, got {self.attention_cost}")

@@ -121,12 +121,17 @@ def clip_grad_norm(parameters: nn.Module | Iterable[torch.Tensor], max_norm: flo
 
 
 def build_optimizer(model: nn.Module, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.0, fused: bool | None = None) -> torch.optim.AdamW:
+                    weight_decay: float = 0.0, fused: bool | None = None,
+                    impl: Literal["torch", "deepspeed_cpu_adam"] = "torch") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; weight decay only on matrices (not on biases and norm weights).
 
     fused=None uses the fused CUDA kernel when every trainable parameter lives on CUDA, else torch's foreach path.
     Build it after `shard_model`, so it holds the sharded parameters.
+    impl="deepspeed_cpu_adam": the same AdamW through DeepSpeed's CPU Adam op (models/cpu_adam.py), for shards kept
+    on CPU by `shard_model(..., cpu_offload=True)`.
     """
+    if impl not in ("torch", "deepspeed_cpu_adam"):
+        raise ValueError(f"impl must be 'torch' or 'deepspeed_cpu_adam', got {impl!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -137,6 +142,10 @@ def build_optimizer(model: nn.Module, lr: float, *, betas: tuple[float, float] =
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": group, "weight_decay": wd} for group, wd in ((decay, weight_decay), (no_decay, 0.0)) if group]
+    if impl == "deepspeed_cpu_adam":
+        from .cpu_adam import DeepSpeedCPUAdamW
+
+        return DeepSpeedCPUAdamW(groups, lr=lr, betas=betas, eps=eps)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 

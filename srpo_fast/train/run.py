@@ -253,7 +253,8 @@ def start_run(cfg: Config, *, total: int, optimizer_steps_per_step: int) -> Run:
     model_path = resolve_model_path(cfg)
     device = default_device()
     model = build_policy(cfg, model_path)
-    optimizer = build_optimizer(model, cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(model, cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                impl=cfg.train.offload_optimizer)
     scheduler = build_lr_scheduler(optimizer, total_steps=max(1, total * optimizer_steps_per_step),
                                    warmup_ratio=cfg.train.warmup_ratio, schedule=cfg.train.lr_schedule,
                                    min_lr_ratio=cfg.train.min_lr_ratio)

@@ -47,6 +47,8 @@ class DataConfig:
     synthetic_difficulty: int = 1
     max_prompt_tokens: int = 1024
     max_images_per_prompt: int = 1  # records with more images are skipped (and counted)
+    max_response_tokens: int | None = None  # SFT: a target (response + end of turn) longer than this is skipped and
+    #   counted, never truncated; None: no cut-off but the packing budget. GRPO's cut-off is rollout.max_tokens.
     shuffle: bool = True
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class DataConfig:
             raise ConfigError(f"data.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
         if self.val_size is not None:
             _positive("data.val_size", self.val_size)
+        if self.max_response_tokens is not None:
+            _positive("data.max_response_tokens", self.max_response_tokens)
 
 
 @dataclass
@@ -100,6 +104,10 @@ class AlgoConfig:
     filter_groups: bool = True  # SRPO's online filter on first-answer accuracy
     filter_low: float = 0.1
     filter_high: float = 0.9
+    # DAPO-style dynamic sampling: generate for more prompts until the kept groups fill train.prompts_per_step,
+    # at most max_gen_rounds generation rounds per step (the first round is the step's own prompts)
+    dynamic_sampling: bool = False
+    max_gen_rounds: int = 4
 
     def __post_init__(self):
         _one_of("algo.adv_estimator", self.adv_estimator, ("grpo", "drgrpo"))
@@ -114,6 +122,7 @@ class AlgoConfig:
         if not 0 <= self.filter_low <= self.filter_high <= 1:
             raise ConfigError(f"algo.filter_low/filter_high need 0 <= low <= high <= 1, "
                               f"got {self.filter_low}, {self.filter_high}")
+        _positive("algo.max_gen_rounds", self.max_gen_rounds)
 
 
 @dataclass
@@ -122,11 +131,13 @@ class TrainConfig:
     output_dir: str = "runs/default"
     prompts_per_step: int = 128
     epochs: int = 3
-    max_steps: int | None = None  # stop early (smoke runs, demos)
+    max_steps: int | None = None  # total steps: fewer than epochs x steps per epoch stops early, more adds epochs
     lr: float = 1e-6
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine
-    warmup_ratio: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's, on matrices only
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (decays to min_lr_ratio x lr at the end)
+    warmup_ratio: float = 0.0  # linear warm-up over this fraction of all optimizer steps
     max_grad_norm: float = 1.0
     max_tokens_per_microbatch: int = 16384  # packed row budget (prompt + response tokens)
     on_overlong: str = "skip"  # a sample longer than the budget: skip (counted in metrics) | error
@@ -151,7 +162,14 @@ class TrainConfig:
             _positive("train.max_steps", self.max_steps)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        _in_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"train.adam_eps must be > 0, got {self.adam_eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _positive("train.max_tokens_per_microbatch", self.max_tokens_per_microbatch)
         _one_of("train.on_overlong", self.on_overlong, ("skip", "error"))
         _one_of("train.offload_optimizer", self.offload_optimizer, ("torch", "deepspeed_cpu_adam"))
@@ -194,6 +212,9 @@ class Config:
         if self.train.val_every and self.data.train_files and not self.data.val_files:
             raise ConfigError("train.val_every is set but data.val_files is empty (only synthetic training data "
                               "gets a held-out synthetic validation set)")
+        if self.train.stage == "grpo" and self.data.max_response_tokens is not None:
+            raise ConfigError("data.max_response_tokens is the SFT target cut-off; a GRPO run's response cut-off is "
+                              "rollout.max_tokens")
         if self.data.max_prompt_tokens + self.rollout.max_tokens > self.rollout.max_model_len:
             raise ConfigError(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "
                               f"({self.rollout.max_tokens}) must fit in rollout.max_model_len "

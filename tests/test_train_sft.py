@@ -56,6 +56,12 @@ def test_encoder_matches_the_rollout_prompt_and_appends_end_of_turn(tiny_kit, tm
         encoder.encode(1, {**records[1], "response": ""})
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         SFTEncoder(processor, template="srpo", max_prompt_tokens=8).encode(1, records[1])
+    limit = len(sample.response_ids)  # data.max_response_tokens: the target, end of turn included
+    assert SFTEncoder(processor, template="srpo", max_prompt_tokens=1000,
+                      max_response_tokens=limit).encode(0, records[0]).response_ids.equal(sample.response_ids)
+    with pytest.raises(ValueError, match="max_response_tokens"):
+        SFTEncoder(processor, template="srpo", max_prompt_tokens=1000,
+                   max_response_tokens=limit - 1).encode(0, records[0])
 
 
 def test_sft_run_lowers_the_nll_and_counts_bad_records(tiny_kit, tmp_path):

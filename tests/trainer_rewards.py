@@ -13,3 +13,17 @@ def digit_share(responses, answers, *, config, device=None, **kwargs) -> RewardO
     return RewardOutput(total=share, format=zeros, accuracy=correct.float(), reflection_format=zeros,
                         effectiveness=zeros, length=zeros, first_correct=correct, second_correct=correct,
                         has_reflection=torch.zeros_like(correct))
+
+
+def odd_answers_mixed(responses, answers, *, config, device=None, **kwargs) -> RewardOutput:
+    """Filter-controlled reward for dynamic-sampling tests. A record whose gold answer is an odd number gets a group
+    of alternating right/wrong first answers (accuracy 0.5: the [0.1, 0.9] filter keeps it); any other record's
+    group is all wrong (accuracy 0: filtered). Relies on score_batch's order: a group's n samples are consecutive
+    and n is even. Total reward = right (plus a tiny share of digits, so ties are rare)."""
+    odd = [a.strip().isdigit() and int(a) % 2 == 1 for a in answers]
+    correct = torch.tensor([o and i % 2 == 0 for i, o in enumerate(odd)])
+    digits = torch.tensor([sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses], dtype=torch.float32)
+    zeros = torch.zeros(len(responses), dtype=torch.float32)
+    return RewardOutput(total=correct.float() + 0.01 * digits, format=zeros, accuracy=correct.float(),
+                        reflection_format=zeros, effectiveness=zeros, length=zeros, first_correct=correct,
+                        second_correct=correct, has_reflection=torch.zeros_like(correct))

@@ -124,6 +124,7 @@ def build_optimizer(model: nn.Module, lr: float, *, betas: tuple[float, float] =
                     weight_decay: float = 0.0, fused: bool | None = None,
                     impl: Literal["torch", "deepspeed_cpu_adam"] = "torch") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; weight decay only on matrices (not on biases and norm weights).
+    The trainer passes train.lr, train.adam_betas, train.adam_eps and train.weight_decay.
 
     fused=None uses the fused CUDA kernel when every trainable parameter lives on CUDA, else torch's foreach path.
     Build it after `shard_model`, so it holds the sharded parameters.
@@ -134,6 +135,8 @@ def build_optimizer(model: nn.Module, lr: float, *, betas: tuple[float, float] =
         raise ValueError(f"impl must be 'torch' or 'deepspeed_cpu_adam', got {impl!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters")
@@ -145,8 +148,8 @@ def build_optimizer(model: nn.Module, lr: float, *, betas: tuple[float, float] =
     if impl == "deepspeed_cpu_adam":
         from .cpu_adam import DeepSpeedCPUAdamW
 
-        return DeepSpeedCPUAdamW(groups, lr=lr, betas=betas, eps=eps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        return DeepSpeedCPUAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_ratio: float = 0.0,

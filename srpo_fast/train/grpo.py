@@ -30,10 +30,8 @@ from srpo_fast.utils.metrics import MetricSums
 from srpo_fast.utils.telemetry import PhaseTimer, gpu_sampler
 
 from .batches import MicroBatch, StepItems, plan_mini_batch, share_items, split_mini_batches
-from .experience import (build_requests, decode_step_records, prompt_template, sampling_for_step, score_rollouts,
-                         step_metrics)
-from .run import (DataOrder, Run, build_policy, device_memory, load_train_records, rank_share, start_run,
-                  total_steps)
+from .experience import collect_experience, step_metrics
+from .run import DataOrder, Run, build_policy, device_memory, load_train_records, plan_run, start_run
 from .validation import load_val_records, validate
 
 StepCallback = Callable[[int, Run, Any, dict], None]
@@ -77,6 +75,18 @@ def sync_weights(run: Run, engine) -> dict[str, float]:
 def build_reference(cfg: Config, run: Run):
     """A frozen, sharded copy of the starting policy for the KL term (only when algo.kl_coef > 0)."""
     return build_policy(cfg, run.model_path, trainable=False)
+
+
+def grpo_note(cfg: Config) -> str:
+    """The start-up line's GRPO part: what the filter and dynamic sampling do to the per-step numbers."""
+    algo = cfg.algo
+    if not algo.filter_groups:
+        return "no accuracy filter"
+    note = f"the accuracy filter [{algo.filter_low:g}, {algo.filter_high:g}] trains only the groups it keeps"
+    if algo.dynamic_sampling:
+        note += (f"; dynamic sampling refills to {cfg.train.prompts_per_step} kept groups with up to "
+                 f"{algo.max_gen_rounds} generation rounds per step")
+    return note
 
 
 def check_grpo_config(cfg: Config) -> None:
@@ -148,8 +158,10 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
     check_grpo_config(cfg)
     records = load_train_records(cfg)
     order = DataOrder(len(records), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
-    total = total_steps(cfg, order)
-    run = start_run(cfg, total=total, optimizer_steps_per_step=cfg.algo.ppo_epochs * cfg.algo.mini_batches)
+    plan = plan_run(cfg, order, samples_per_step=cfg.train.prompts_per_step * cfg.rollout.n,
+                    optimizer_steps_per_step=cfg.algo.ppo_epochs * cfg.algo.mini_batches, note=grpo_note(cfg))
+    run = start_run(cfg, plan)
+    total = plan.steps
     processor = load_processor(run.model_path, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     tokenizer = getattr(processor, "tokenizer", processor)
 
@@ -161,7 +173,6 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
         sync_weights(run, engine)
     rope_index = MRopeIndexer(run.model) if is_vision_language(run.model) else None
     ref_model = build_reference(cfg, run) if cfg.algo.kl_coef > 0 else None
-    template = prompt_template(cfg)
     val_records = load_val_records(cfg)
     if val_records and cfg.train.val_before_train and run.start_step == 0:
         run.logger.log(0, validate(cfg, engine, val_records, count_tokens_batch))
@@ -170,13 +181,7 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
     for step in range(run.start_step + 1, total + 1):
         timer = PhaseTimer(gpu_sampler(run.device))
         start = time.perf_counter()
-        records_here, bad_records = decode_step_records([records[i] for i in rank_share(order.indices(step))])
-        with timer("rollout"):
-            rollouts = engine.generate(build_requests(records_here, template), sampling_for_step(cfg, step, rank()))
-        for why in list(rollouts.skipped.values())[:3]:  # counted in rollout/skipped_prompts; a few reasons shown
-            print(f"[rollout] rank {rank()} skipped a prompt: {why}")
-        with timer("reward"):
-            experience = score_rollouts(cfg, rollouts, records_here, count_tokens_batch)
+        experience = collect_experience(cfg, engine, records, order, step, count_tokens_batch, timer)
         engine.sleep()
         with timer("train"):
             items = share_items(experience.items)
@@ -191,8 +196,8 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
                 metrics.update(validate(cfg, engine, val_records, count_tokens_batch))
         for callback in callbacks:
             callback(step, run, engine, metrics)
-        totals = all_reduce_dict({**experience.sums, "bad_records": float(bad_records)}, op="sum")
-        metrics.update(step_metrics(totals))
+        totals = all_reduce_dict(experience.sums, op="sum")
+        metrics.update(step_metrics(totals), **experience.totals)
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}_s": v for k, v in timer.seconds.items()})
         metrics.update(timer.gpu_metrics())

@@ -89,6 +89,21 @@ class DataOrder:
         start = (step - 1) % self.steps_per_epoch * self.per_step
         return self.permutation(self.epoch_of(step))[start:start + self.per_step]
 
+    def extra_indices(self, step: int, round_: int) -> list[int]:
+        """Dynamic sampling's prompts for generation round `round_` (1, 2, ...) of `step`: per_step records that
+        the step's own slice does not hold, consecutive slices of a permutation keyed on (seed, step) alone — so a
+        resumed run draws the same ones, and the epochs' own order (what `indices` gives) never shifts. Rounds of
+        one step draw distinct records until the others run out, then wrap around."""
+        if round_ < 1:
+            raise ValueError(f"extra rounds are 1-based, got {round_}")
+        own = set(self.indices(step))
+        others = [i for i in range(self.num_records) if i not in own]
+        random.Random((self.seed * 1_000_003 + step) * 7_919 + 1).shuffle(others)
+        if not others:  # every record is in the step's own slice: draw those again
+            others = sorted(own)
+        start = (round_ - 1) * self.per_step
+        return [others[(start + k) % len(others)] for k in range(self.per_step)]
+
 
 def rank_share(items: list, rank_: int | None = None, world: int | None = None) -> list:
     """This rank's contiguous share of a list whose length the world size divides."""
@@ -109,9 +124,49 @@ def device_memory(device: torch.device) -> dict[str, float]:
     return {"perf/gpu_mem_peak_GB": peak}
 
 
-def total_steps(cfg: Config, order: DataOrder) -> int:
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a run will do, said once at start-up: steps, epochs, samples, optimizer steps."""
+
+    stage: str
+    records: int
+    steps_per_epoch: int
+    steps: int  # train.max_steps when set (fewer: stops early; more: adds epochs), else epochs x steps_per_epoch
+    prompts_per_step: int  # records per step (GRPO: prompts of the first generation round)
+    samples_per_step: int  # sequences per step before filtering (GRPO: prompts x n)
+    optimizer_steps_per_step: int
+    note: str = ""  # stage specifics (filter, dynamic sampling)
+
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.steps_per_epoch
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps * self.optimizer_steps_per_step
+
+    def describe(self) -> str:
+        per_update = self.samples_per_step / self.optimizer_steps_per_step
+        return (f"[train] {self.stage}: {self.steps} steps = {self.epochs:g} epochs x {self.steps_per_epoch} steps "
+                f"over {self.records} records; {self.prompts_per_step} prompts and {self.samples_per_step} samples "
+                f"per step ({self.steps * self.samples_per_step} samples in all); "
+                f"{self.optimizer_steps_per_step} optimizer steps per step of {per_update:g} samples each "
+                f"({self.optimizer_steps} optimizer steps in all){'; ' + self.note if self.note else ''}")
+
+
+def plan_run(cfg: Config, order: DataOrder, *, samples_per_step: int, optimizer_steps_per_step: int,
+             note: str = "") -> TrainPlan:
+    """The run's step count: epochs x steps per epoch, or train.max_steps — which stops early when smaller and
+    adds epochs when larger (the data order continues into them), never silently capped."""
     steps = cfg.train.epochs * order.steps_per_epoch
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps is not None else steps
+    max_steps = cfg.train.max_steps
+    if max_steps is not None and max_steps != steps:
+        what = "stops early" if max_steps < steps else "adds epochs"
+        note = f"train.max_steps={max_steps} {what} (train.epochs={cfg.train.epochs} gives {steps} steps)" + (
+            f"; {note}" if note else "")
+        steps = max_steps
+    return TrainPlan(cfg.train.stage, order.num_records, order.steps_per_epoch, steps, order.per_step,
+                     samples_per_step, optimizer_steps_per_step, note)
 
 
 def build_policy(cfg: Config, model_path: Path, *, trainable: bool = True) -> nn.Module:
@@ -242,10 +297,12 @@ class Run:
         return self.out_dir
 
 
-def start_run(cfg: Config, *, total: int, optimizer_steps_per_step: int) -> Run:
-    """Seed, write the resolved config, build policy + optimizer + schedule, resume from the newest checkpoint."""
+def start_run(cfg: Config, plan: TrainPlan) -> Run:
+    """Say the plan, seed, write the resolved config, build policy + optimizer + schedule, resume from the newest
+    checkpoint."""
     out_dir = Path(cfg.train.output_dir)
     if is_main():
+        print(plan.describe(), flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     barrier()
@@ -253,9 +310,9 @@ def start_run(cfg: Config, *, total: int, optimizer_steps_per_step: int) -> Run:
     model_path = resolve_model_path(cfg)
     device = default_device()
     model = build_policy(cfg, model_path)
-    optimizer = build_optimizer(model, cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                impl=cfg.train.offload_optimizer)
-    scheduler = build_lr_scheduler(optimizer, total_steps=max(1, total * optimizer_steps_per_step),
+    optimizer = build_optimizer(model, cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
+                                weight_decay=cfg.train.weight_decay, impl=cfg.train.offload_optimizer)
+    scheduler = build_lr_scheduler(optimizer, total_steps=max(1, plan.optimizer_steps),
                                    warmup_ratio=cfg.train.warmup_ratio, schedule=cfg.train.lr_schedule,
                                    min_lr_ratio=cfg.train.min_lr_ratio)
     start = 0
@@ -272,6 +329,6 @@ def start_run(cfg: Config, *, total: int, optimizer_steps_per_step: int) -> Run:
                            enabled=is_main() and cfg.log.jsonl, resume_from_step=start,
                            config=config_to_dict(cfg))
     return Run(cfg=cfg, out_dir=out_dir, model_path=model_path, device=device, model=model, optimizer=optimizer,
-               scheduler=scheduler, logger=logger, start_step=start, total_steps=total,
+               scheduler=scheduler, logger=logger, start_step=start, total_steps=plan.steps,
                last_saved=start if checkpoint is not None else -1, stop_signal=StopSignal())
 

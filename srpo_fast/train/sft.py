@@ -24,8 +24,8 @@ from srpo_fast.rollout import InvalidRequestError, RolloutRequest
 from srpo_fast.rollout.prompts import PromptBuilder
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, world_size
 
-from .run import DataOrder, device_memory, load_train_records, rank_share, start_run, total_steps
 from .batches import StepItems, TrainItem, plan_mini_batch, share_items
+from .run import DataOrder, device_memory, load_train_records, plan_run, rank_share, start_run
 
 END_OF_TURN = "<|im_end|>"
 
@@ -33,11 +33,13 @@ END_OF_TURN = "<|im_end|>"
 class SFTEncoder:
     """Record → packing Sample, with prompt ids and image tensors built exactly as the rollout engines build them."""
 
-    def __init__(self, processor, *, template: str, max_prompt_tokens: int, max_images: int = 1):
+    def __init__(self, processor, *, template: str, max_prompt_tokens: int, max_images: int = 1,
+                 max_response_tokens: int | None = None):
         self.builder = PromptBuilder(processor, max_images=max_images)
         self.tokenizer = self.builder.tokenizer
         self.template = template
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
         self.end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
     def encode(self, index: int, record: dict) -> Sample:
@@ -51,6 +53,9 @@ class SFTEncoder:
             raise ValueError(f"prompt has {len(prepared.prompt_ids)} tokens, over data.max_prompt_tokens="
                              f"{self.max_prompt_tokens}")
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+        if self.max_response_tokens is not None and len(response_ids) > self.max_response_tokens:
+            raise ValueError(f"response has {len(response_ids)} tokens, over data.max_response_tokens="
+                             f"{self.max_response_tokens}")
         images = prepared.image_inputs
         return Sample(prompt_ids=prepared.prompt_ids, response_ids=response_ids,
                       pixel_values=None if images is None else images.pixel_values,
@@ -81,11 +86,13 @@ def train_sft(cfg: Config) -> Path:
                           "(python -m srpo_fast.distill builds them)")
     records = load_train_records(cfg)
     order = DataOrder(len(records), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
-    total = total_steps(cfg, order)
-    run = start_run(cfg, total=total, optimizer_steps_per_step=1)
+    plan = plan_run(cfg, order, samples_per_step=cfg.train.prompts_per_step, optimizer_steps_per_step=1)
+    run = start_run(cfg, plan)
+    total = plan.steps
     processor = load_processor(run.model_path, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     encoder = SFTEncoder(processor, template="srpo", max_prompt_tokens=cfg.data.max_prompt_tokens,
-                         max_images=cfg.data.max_images_per_prompt)
+                         max_images=cfg.data.max_images_per_prompt,
+                         max_response_tokens=cfg.data.max_response_tokens)
     rope_index = MRopeIndexer(run.model) if is_vision_language(run.model) else None
     progress = tqdm(total=total, initial=run.start_step, desc="srpo sft", unit="step",
                     disable=not (cfg.log.progress and is_main()))

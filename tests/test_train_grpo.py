@@ -183,3 +183,31 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tiny
     proc = run_trainer([*hf_args(tiny_kit["vl"], out, last + 1), "train.save_every=1000"])
     assert f"step {last})" in proc.stdout
     assert [r["step"] for r in metrics(out)] == list(range(1, last + 2))
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_resumes_exactly_and_max_steps_past_the_epochs_adds_one(tiny_kit, tmp_path):
+    """Dynamic sampling on, a filter that keeps only odd-answer groups (tests/trainer_rewards.py), 8 records at 4
+    per step (2 steps per epoch), train.epochs=1 but train.max_steps=3: the run says it adds an epoch and runs 3
+    steps; extra rounds refill the steps (drawn per step, so 2 steps + resume = 3 straight, bit for bit)."""
+    extra = ["algo.dynamic_sampling=true", "algo.max_gen_rounds=3", "algo.filter_groups=true",
+             "reward.preset=trainer_rewards:odd_answers_mixed", "data.synthetic_size=8", "train.epochs=1",
+             "rollout.max_tokens=12"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = run_trainer([*hf_args(tiny_kit["vl"], straight, 3), *extra])
+    assert "[train] grpo: 3 steps = 1.5 epochs x 2 steps over 8 records" in proc.stdout
+    assert "train.max_steps=3 adds epochs" in proc.stdout and "dynamic sampling refills to 4" in proc.stdout
+    run_trainer([*hf_args(tiny_kit["vl"], resumed, 2), *extra])
+    run_trainer([*hf_args(tiny_kit["vl"], resumed, 3), *extra])
+    a = load_file(straight / "final_model" / "model.safetensors")
+    b = load_file(resumed / "final_model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a, rows_b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3]
+    clock = ("time", "timing/", "perf/")  # wall-clock readings differ; every other metric must not
+    assert {k: v for k, v in rows_a[2].items() if not k.startswith(clock)} == {
+        k: v for k, v in rows_b[2].items() if not k.startswith(clock)}
+    assert [r["data/epoch"] for r in rows_a] == [0, 0, 1]
+    for row in rows_a:  # every step refilled to 4 kept groups of 4 samples within the 3 rounds
+        assert row["dynamic/trained_groups"] == 4 and row["dynamic/filled"] == 1.0 and row["train/items"] == 16
+        assert row["dynamic/gen_rounds"] >= 2 and row["rollout/samples"] == 16 * row["dynamic/gen_rounds"]

@@ -282,3 +282,14 @@ def test_dynamic_sampling_trains_exactly_the_step_size_and_drops_the_surplus(tex
     again, _, _ = collect(text_engine, answers)  # same step, same draws, same samples
     assert [i.sample.response_ids.tolist() for i in again.items] == [
         i.sample.response_ids.tolist() for i in experience.items]
+
+
+def test_round_quotas_fill_in_round_then_rank_order():
+    """Which kept groups train when the rounds overshoot: (round, rank) order, whatever the world size."""
+    from srpo_fast.train.experience import _round_quotas
+
+    assert _round_quotas([[1, 2]], 4) == [[1, 2]]  # under the target: everything
+    assert _round_quotas([[1, 2], [3, 1]], 4) == [[1, 2], [1, 0]]  # round 1: rank 0 takes the last slot
+    assert _round_quotas([[0, 0], [2, 5]], 4) == [[0, 0], [2, 2]]
+    assert _round_quotas([[5, 5]], 4) == [[4, 0]]
+    assert sum(map(sum, _round_quotas([[3, 0, 2, 4], [1, 1, 1, 1]], 8))) == 8

@@ -34,6 +34,7 @@ from srpo_fast.rollout import RolloutRequest, Rollouts, RolloutSample, SamplingC
 from srpo_fast.utils.distributed import all_reduce_dict, rank, world_size
 
 from .batches import TrainItem
+from .run import rank_share
 
 
 def prompt_template(cfg: Config) -> str:
@@ -195,8 +196,6 @@ def collect_experience(cfg: Config, engine, records: Sequence[dict], order, step
     train.prompts_per_step or algo.max_gen_rounds rounds ran (module docstring). Collective when dynamic sampling
     is on (one small all-reduce per round, the same decisions on every rank). `order` is the run's DataOrder;
     `timer(name)` a context manager that times the rollout and reward phases."""
-    from .run import rank_share
-
     timer = timer or (lambda name: nullcontext())
     template = prompt_template(cfg)
     dynamic = cfg.algo.dynamic_sampling

@@ -212,6 +212,9 @@ class Config:
         if self.train.val_every and self.data.train_files and not self.data.val_files:
             raise ConfigError("train.val_every is set but data.val_files is empty (only synthetic training data "
                               "gets a held-out synthetic validation set)")
+        if self.train.stage == "grpo" and self.algo.mini_batches > self.train.prompts_per_step:
+            raise ConfigError(f"algo.mini_batches ({self.algo.mini_batches}) cannot exceed train.prompts_per_step "
+                              f"({self.train.prompts_per_step}): a mini-batch holds whole prompt groups")
         if self.train.stage == "grpo" and self.data.max_response_tokens is not None:
             raise ConfigError("data.max_response_tokens is the SFT target cut-off; a GRPO run's response cut-off is "
                               "rollout.max_tokens")

@@ -12,21 +12,13 @@ import torch
 from torch import nn
 
 from srpo_fast.config import ConfigError, load_config
+from srpo_fast.train.batches import split_mini_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 SRPO_7B = ROOT / "configs" / "srpo_qwen2_5_vl_7b.yaml"
 SFT_7B = ROOT / "configs" / "sft_qwen2_5_vl_7b.yaml"
 DISTILL_7B = ROOT / "configs" / "distill_qwen2_5_vl_7b.yaml"
 LABELS = ("paper", "released code", "our choice")
-
-
-def split_mini_batches(items, count):
-    """The trainer's mini-batch split (train/update.py, moving to train/batches.py)."""
-    try:
-        from srpo_fast.train.batches import split_mini_batches as split
-    except ImportError:
-        from srpo_fast.train.update import split_mini_batches as split
-    return split(items, count)
 
 
 @dataclass(frozen=True)
@@ -52,6 +44,8 @@ def test_7b_config_gives_8_optimizer_steps_of_128_samples_per_1024_samples():
     assert [len(m) for m in minis] == [128] * 8
     assert sorted(i for m in minis for i in m) == list(range(1024))
     assert "8 optimizer steps per step of 128 samples each" in plan.describe()
+    with pytest.raises(ConfigError, match="algo.mini_batches"):
+        load_config(SRPO_7B, ["train.prompts_per_step=4"])
 
 
 def test_7b_optimizer_and_schedule_are_the_released_ones():

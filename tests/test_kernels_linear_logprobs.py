@@ -186,22 +186,27 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_merge_of_vocab_range_partials_handles_empty_ranges():
-    """The forward kernel's per-range (max, sum-exp, entropy term) partials, one range empty, merge exactly."""
-    from srpo_fast.kernels.linear_logprobs import _merge_splits
+    """The forward kernel's per-range base-2 partials (max, sum 2^(z-m), sum 2^(z-m)(z-m)), one range empty
+    (m = NEG, s = u = 0, as an empty trailing split) and one all-masked (every z = NEG), merge exactly."""
+    from srpo_fast.kernels.linear_logprobs import LN2, LOG2E, NEG, _merge_splits
 
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(5, 90, generator=gen, dtype=torch.float64) * 3
-    ranges = [z[:, :40], z[:, 40:41], z[:, 41:], z[:, :0]]  # the last range is empty, as in a trailing split
+    z2 = z * LOG2E
+    ranges = [z2[:, :40], z2[:, 40:41], z2[:, 41:], torch.full((5, 7), NEG, dtype=z.dtype)]
     m, s, u = [], [], []
     for part in ranges:
-        mx = part.max(1).values if part.shape[1] else torch.full((5,), float("-inf"), dtype=z.dtype)
-        e = torch.exp(part - mx[:, None])
+        mx = part.max(1).values
+        e = torch.exp2(part - mx[:, None])
         m.append(mx)
         s.append(e.sum(1))
         u.append((e * (part - mx[:, None])).sum(1))
-    lse, ent = _merge_splits(torch.stack(m), torch.stack(s), torch.stack(u))
+    m.append(torch.full((5,), NEG, dtype=z.dtype))
+    s.append(torch.zeros(5, dtype=z.dtype))
+    u.append(torch.zeros(5, dtype=z.dtype))
+    lse2, ent = _merge_splits(torch.stack(m), torch.stack(s), torch.stack(u))
     log_p = torch.log_softmax(z, -1)
-    assert torch.allclose(lse, torch.logsumexp(z, -1), rtol=1e-12)
+    assert torch.allclose(lse2 * LN2, torch.logsumexp(z, -1), rtol=1e-12)
     assert torch.allclose(ent, -(log_p.exp() * log_p).sum(-1), rtol=1e-12)
 
 

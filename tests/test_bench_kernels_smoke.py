@@ -41,12 +41,13 @@ def test_report_structure_and_values(report):
     assert data["benchmark"] == "kernels_smoke" and data["smoke"] is True
     assert data["environment"]["torch"] and data["copy_bandwidth_GBps"] > 0
     for row in data["linear_logprobs"]:
-        for name in ("naive_torch", "ours", "ours_logp_only"):
+        for name in ("naive_torch", "ours", "ours_logp_only", "ours_logp_only_filtered"):
             check_measured(row["methods"][name], f"linear {name}")
         assert all(math.isfinite(v) and v > 0 for v in row["gemm_floor"].values())
         same_loss(row["methods"], "ours", "naive_torch")
         same_loss(row["methods"], "ours", "compiled_chunked_torch")
-        same_loss(row["methods"], "ours_logp_only", "cce_logp_only")
+        same_loss(row["methods"], "ours_logp_only", "cce_filter_off")
+        same_loss(row["methods"], "ours_logp_only", "ours_logp_only_filtered", rel=1e-6)  # forward unchanged
     for row in data["linear_grpo"]:
         check_measured(row["methods"]["ours"], "linear_grpo ours")
         same_loss(row["methods"], "ours", "liger_fused_linear_grpo")
@@ -72,5 +73,26 @@ def test_peers_present_here_were_measured(report):
         check_measured(data["linear_grpo"][0]["methods"]["liger_fused_linear_grpo"], "liger chunked")
         check_measured(data["grpo_from_logits"][0]["methods"]["liger_triton_grpo"], "liger triton")
     if importlib.util.find_spec("cut_cross_entropy") is not None:
-        check_measured(data["linear_logprobs"][0]["methods"]["cce_logp_only"], "cce")
+        check_measured(data["linear_logprobs"][0]["methods"]["cce_filter_off"], "cce")
+        assert "skipped" in data["linear_logprobs"][0]["methods"]["cce_default_filter"]  # GPU-only filter
     check_measured(data["linear_logprobs"][0]["methods"]["compiled_chunked_torch"], "compiled")
+
+
+def test_performance_model_beside_the_report(report):
+    """The model (FLOPs, bytes, rooflines) is written beside the results, in JSON and markdown, for every kernel
+    at the target shapes; its rooflines follow from its own FLOPs and bytes and the stated peaks."""
+    path, _ = report
+    model = json.loads(path.with_name(path.stem + "_model.json").read_text())
+    assert path.with_name(path.stem + "_model.md").read_text().count("| linear_fwd |") == 4
+    kernels = {r["kernel"] for r in model["rows"]}
+    assert {"token_logprobs_fwd", "token_logprobs_bwd", "linear_fwd", "linear_dz", "linear_dhidden_gemm",
+            "linear_dweight_gemm", "grpo_loss"} <= kernels
+    for row in model["rows"]:
+        for gpu, spec in model["gpus"].items():
+            expect = max(row["GFLOP"] / spec["tflops"], row["GB"] / spec["tbps"])  # ms
+            assert row[f"roofline_ms_{gpu}"] == pytest.approx(expect, rel=1e-9), (row["kernel"], gpu)
+        if row["kernel"].startswith("linear"):
+            assert row["bound_H100"] == "compute" and row["GFLOP"] == pytest.approx(
+                2 * row["N"] * row["H"] * row["V"] / 1e9)
+        if row["kernel"].startswith("token_logprobs"):
+            assert row["bound_H100"] == "memory" and row["roofline_ms_H200"] < row["roofline_ms_H100"]

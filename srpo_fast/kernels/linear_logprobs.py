@@ -69,6 +69,7 @@ NEG = -1e30  # the finite "minus infinity" of masked and -inf logits (base-2 uni
 MEMORY_BUDGET = 0.05  # backward extra memory, as a fraction of the fp32 logits N * V * 4 bytes
 N_BUCKETS = tuple(1 << k for k in range(8, 17))  # autotune buckets of N: 256 ... 65536 (larger N use the last)
 TORCH_FILTER_TILE = 128
+TARGET_ROWS = 8  # rows per program of the target gather-dot on the GPU (4 warps, BLOCK_H up to 256)
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): every one compiles for sm_90 and sm_80 without spilling
 # (benchmarks/results kernel compile check); 128 x 256 tiles and 4-warp 128 x 128 tiles spilled and are gone.
@@ -251,11 +252,15 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=upcast, PRECISION=precision, ACC=tl_dtype(acc_dtype(dtype)))
 
 
+def num_splits(n: int, vocab: int, sms: int) -> int:
+    """Vocab ranges per row block: enough programs for ~4 waves on ``sms`` SMs, each range >= 1 tile of 256."""
+    row_blocks = -(-n // 128)
+    return max(1, min(-(-4 * sms // row_blocks), -(-vocab // 256)))
+
+
 def _num_splits(n: int, vocab: int, device: torch.device) -> int:
-    """Vocab ranges per row block: enough programs for ~4 waves on the GPU, each range >= 1 tile of 256."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    row_blocks = triton.cdiv(n, 128)
-    return max(1, min(triton.cdiv(4 * sms, row_blocks), triton.cdiv(vocab, 256)))
+    return num_splits(n, vocab, sms)
 
 
 def backward_chunk(hdim: int, vocab: int, element_size: int) -> int:
@@ -285,7 +290,7 @@ def _scaled_bias(bias, inv_temp, dtype):
 def _target_logit(hidden, weight, bias, targets, inv_temp, dtype):
     n, hdim = hidden.shape
     out = torch.empty(n, dtype=dtype, device=hidden.device)
-    rows = 16 if interpreting() else 8
+    rows = 16 if interpreting() else TARGET_ROWS
     _target_logits[(triton.cdiv(n, rows),)](hidden, weight, bias if bias is not None else hidden, targets, out, n,
                                             hdim, hidden.stride(0), weight.stride(0), inv_temp,
                                             HAS_BIAS=bias is not None, ACC=tl_dtype(dtype), ROWS=rows,
@@ -546,7 +551,7 @@ def prewarm(weight: torch.Tensor, token_counts, *, bias: torch.Tensor | None = N
     """
     if isinstance(token_counts, int):
         token_counts = [token_counts]
-    if choose_backend(weight.device) != "triton" or interpreting():
+    if choose_backend(weight.device) != "triton":
         return []
     buckets = sorted({n_bucket(int(n)) for n in token_counts if int(n) > 0})
     gen = torch.Generator(device=weight.device).manual_seed(0)
@@ -559,3 +564,58 @@ def prewarm(weight: torch.Tensor, token_counts, *, bias: torch.Tensor | None = N
         if backward:
             torch.autograd.grad(logp.sum() + ent.sum(), [hidden, w])
     return buckets
+
+
+def compile_variants() -> list:
+    """Every launch the linear op can make at the shipped shapes, for the compile check: each autotune config of
+    the forward and logit-gradient kernels (per dtype the dispatcher sends here, fp32 as tf32; with and without
+    bias; each gradient combination; filtered and exact), and the target gather-dot. Token counts 1, 4097 and
+    65536 cover Triton's specializations (a constant 1, odd, divisible by 16); hidden sizes and vocabularies all
+    specialize alike, so one of each stands for the rest."""
+    from ._variants import DTYPE_NAMES, HIDDEN_SIZES, VOCAB_SIZES, KernelVariant, TensorArg
+
+    f32, i64, i8 = TensorArg(torch.float32), TensorArg(torch.int64), TensorArg(torch.int8)
+    hdim, vocab = HIDDEN_SIZES[1], VOCAB_SIZES[1]
+    plans = [(torch.bfloat16, 65536, True), (torch.bfloat16, 4097, False), (torch.bfloat16, 1, False),
+             (torch.float16, 65536, False), (torch.float32, 65536, False)]
+    out = []
+    for dtype, n, full in plans:
+        x = TensorArg(dtype)
+        flags = dict(UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else None, ACC=tl.float32)
+        tag = f"{DTYPE_NAMES[dtype]},N={n}"
+        shape = dict(N=n, H=hdim, V=vocab, dtype=DTYPE_NAMES[dtype])
+        chunk = backward_chunk(hdim, vocab, torch.tensor([], dtype=dtype).element_size())
+        common = dict(h_ptr=x, w_ptr=x, b2_ptr=f32, N=n, V=vocab, H=hdim, stride_h=hdim, stride_w=hdim,
+                      n_bucket=n_bucket(n), scale2=LOG2E, **flags)
+        fwd_cases = [False, True] if full else [False]
+        dz_cases = ([(True, True, False, False), (True, False, False, False), (False, True, False, False),
+                     (True, True, True, False), (True, True, False, True)] if full else [(True, True, False, False)])
+        for ci, c in enumerate(_linear_logprobs_fwd.configs):
+            kw = c.kwargs
+            ctag = f"BN{kw['BLOCK_N']}_BV{kw['BLOCK_V']}_BH{kw['BLOCK_H']}_w{c.num_warps}_s{c.num_stages}"
+            first = dtype == torch.bfloat16 and full and ci == 0
+            for bias in fwd_cases:
+                group = f"fwd[{tag},bias={int(bias)}]"
+                out.append(KernelVariant(
+                    "linear_logprobs", f"fwd[{tag},bias={int(bias)},{ctag}]", _linear_logprobs_fwd,
+                    dict(common, m_ptr=f32, s_ptr=f32, u_ptr=f32, num_splits=num_splits(n, vocab, 132),
+                         HAS_BIAS=bias, **kw),
+                    num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=group, shape=shape,
+                    fast=first and not bias))
+            for glogp, gent, bias, filt in dz_cases:
+                label = f"glogp={int(glogp)},gent={int(gent)},bias={int(bias)},filter={int(filt)}"
+                out.append(KernelVariant(
+                    "linear_logprobs", f"dz[{tag},{label},{ctag}]", _linear_logprobs_dz,
+                    dict(common, targets_ptr=i64, lse2_ptr=f32, coef_ptr=f32, dz_ptr=x, flags_ptr=i8,
+                         stride_dz=chunk, col_start=0, width=chunk, filter_eps=2.0 ** -12, HAS_BIAS=bias,
+                         HAS_GLOGP=glogp, HAS_GENT=gent, FILTER=filt, **kw),
+                    num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=f"dz[{tag},{label}]",
+                    shape=shape, fast=first and glogp and gent and not (bias or filt)))
+        rows = TARGET_ROWS
+        block_h = min(256, triton.next_power_of_2(hdim))
+        out.append(KernelVariant(
+            "linear_logprobs", f"target_logits[{tag}]", _target_logits,
+            dict(h_ptr=x, w_ptr=x, b_ptr=x, targets_ptr=i64, out_ptr=f32, N=n, H=hdim, stride_h=hdim,
+                 stride_w=hdim, inv_temp=1.0, HAS_BIAS=False, ACC=tl.float32, ROWS=rows, BLOCK_H=block_h),
+            num_warps=4, stream_elems=2 * rows * block_h, shape=shape, fast=dtype == torch.bfloat16 and full))
+    return out

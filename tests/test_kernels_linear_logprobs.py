@@ -267,7 +267,7 @@ def test_n_bucket_and_backward_chunk_budget():
             assert chunk % 256 == 0 and extra <= MEMORY_BUDGET * 4 * n * vocab
             assert 4 * n * hdim + 2 * n * (chunk + 256) > MEMORY_BUDGET * 4 * n * vocab  # the largest that fits
     assert backward_chunk(5120, 2000, 2) == 256  # budget impossible: the smallest chunk
-    assert backward_chunk(64, 1000, 4) == 1024  # never more than V rounded up to 256
+    assert backward_chunk(64, 100_000, 4) == 4864  # fp32: (0.2 V - 4 H) / 4 = 4936, down to a multiple of 256
 
 
 def test_prewarm_runs_each_bucket_once(backend):

@@ -244,6 +244,67 @@ if HAS_TRITON:
         tl.store(dz_tile, d.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _dhidden_skip(dz_ptr, w_ptr, dh_ptr, flags_ptr, N, H, width, col_start, stride_dz, stride_w, stride_dh,
+                      ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                      TILE_N: tl.constexpr, TILE_V: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_K: tl.constexpr):
+        """d_hidden[rows, hcols] (+)= sum over the chunk's kept vocab tiles of dz[rows, tile] @ W[tile, hcols],
+        in ACC (fp32); a (TILE_N x TILE_V) dz tile whose flag is 0 (filtered) is skipped, not multiplied."""
+        pid_n = tl.program_id(0)
+        rows = pid_n * TILE_N + tl.arange(0, TILE_N)
+        hcols = tl.program_id(1) * BLOCK_HO + tl.arange(0, BLOCK_HO)
+        row_ok = rows < N
+        h_ok = hcols < H
+        out = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + hcols[None, :]
+        if ACCUMULATE:
+            acc = tl.load(out, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        else:
+            acc = tl.zeros([TILE_N, BLOCK_HO], ACC)
+        num_tiles = tl.cdiv(width, TILE_V)
+        for vt in range(0, num_tiles):
+            if tl.load(flags_ptr + pid_n * num_tiles + vt) != 0:
+                for kk in range(0, TILE_V, BLOCK_K):
+                    ks = vt * TILE_V + kk + tl.arange(0, BLOCK_K)
+                    k_ok = ks < width
+                    a = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + ks[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + (col_start + ks).to(tl.int64)[:, None] * stride_w + hcols[None, :],
+                                mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tl.store(out, acc, mask=row_ok[:, None] & h_ok[None, :])
+
+    @triton.jit
+    def _dweight_skip(dz_ptr, h_ptr, dw_ptr, flags_ptr, N, H, width, col_start, stride_dz, stride_h, stride_dw,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, TILE_N: tl.constexpr,
+                      TILE_V: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_K: tl.constexpr):
+        """d_weight[tile, hcols] = sum over row blocks whose dz tile was kept of dz[rows, tile]^T @ hidden[rows,
+        hcols]; filtered tiles are skipped. Each vocab tile is one program's alone: no atomics, deterministic."""
+        pid_v = tl.program_id(0)
+        local = pid_v * TILE_V + tl.arange(0, TILE_V)
+        hcols = tl.program_id(1) * BLOCK_HO + tl.arange(0, BLOCK_HO)
+        v_ok = local < width
+        h_ok = hcols < H
+        num_tiles = tl.cdiv(width, TILE_V)
+        acc = tl.zeros([TILE_V, BLOCK_HO], ACC)
+        for rb in range(0, tl.cdiv(N, TILE_N)):
+            if tl.load(flags_ptr + rb * num_tiles + pid_v) != 0:
+                for kk in range(0, TILE_N, BLOCK_K):
+                    rows = rb * TILE_N + kk + tl.arange(0, BLOCK_K)
+                    r_ok = rows < N
+                    a = tl.load(dz_ptr + rows.to(tl.int64)[None, :] * stride_dz + local[:, None],
+                                mask=v_ok[:, None] & r_ok[None, :], other=0.0)
+                    b = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + hcols[None, :],
+                                mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        out = dw_ptr + (col_start + local).to(tl.int64)[:, None] * stride_dw + hcols[None, :]
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=v_ok[:, None] & h_ok[None, :])
+
 def _dot_flags(dtype: torch.dtype) -> dict:
     upcast = interpreting() and dtype in (torch.bfloat16, torch.float16)
     precision = None
@@ -394,6 +455,29 @@ def _torch_filter(d: torch.Tensor, p: torch.Tensor, is_target: torch.Tensor, eps
     d.mul_(keep.repeat_interleave(t, 0).repeat_interleave(t, 1)[:n, :c])
 
 
+def _skip_gemms(dz, weight, hidden, d_hidden, d_weight, flags, c0, width):
+    """The filtered backward's GEMMs for one chunk: only the dz tiles the dz kernel kept (its flags, at its
+    autotuned tile size) are multiplied; d_hidden accumulates in place in fp32, d_weight rows are written."""
+    cfg = _linear_logprobs_dz.best_config.kwargs
+    tile_n, tile_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    n, hdim = hidden.shape
+    small = interpreting()
+    block_ho, warps = (16, 4) if small else (128, 8)
+    flags_dtype = dict(UPCAST=small and dz.dtype in (torch.bfloat16, torch.float16),
+                       PRECISION=_dot_flags(dz.dtype)["PRECISION"])
+    if d_hidden is not None:
+        grid = (triton.cdiv(n, tile_n), triton.cdiv(hdim, block_ho))
+        _dhidden_skip[grid](dz, weight, d_hidden, flags, n, hdim, width, c0, dz.stride(0), weight.stride(0),
+                            d_hidden.stride(0), ACCUMULATE=c0 > 0, ACC=tl_dtype(d_hidden.dtype), TILE_N=tile_n,
+                            TILE_V=tile_v, BLOCK_HO=block_ho, BLOCK_K=min(64, tile_v), num_warps=warps,
+                            **flags_dtype)
+    if d_weight is not None:
+        grid = (triton.cdiv(width, tile_v), triton.cdiv(hdim, block_ho))
+        _dweight_skip[grid](dz, hidden, d_weight, flags, n, hdim, width, c0, dz.stride(0), hidden.stride(0),
+                            d_weight.stride(0), ACC=tl_dtype(acc_dtype(dz.dtype)), TILE_N=tile_n, TILE_V=tile_v,
+                            BLOCK_HO=block_ho, BLOCK_K=min(64, tile_n), num_warps=warps, **flags_dtype)
+
+
 def _backward(ctx, g_logp, g_ent):
     hidden, weight, bias, targets, lse2, ent = ctx.saved_tensors
     n, hdim = hidden.shape
@@ -445,9 +529,11 @@ def _backward(ctx, g_logp, g_ent):
                 _torch_filter(d, p, is_target, eps)
             dz.copy_(d)
         w_c = weight[c0:c0 + width]
-        if need_dh:
+        if use_triton and eps is not None:  # skip the filtered tiles in both GEMMs
+            _skip_gemms(dz, weight, h_mm, d_hidden, d_weight, flags, c0, width)
+        elif need_dh:
             _mm_into(d_hidden, dz, w_c if use_triton else w_c.to(dtype), accumulate=c0 > 0)
-        if need_dw:
+        if need_dw and not (use_triton and eps is not None):
             if use_triton:
                 torch.mm(dz.T, h_mm, out=d_weight[c0:c0 + width])
             else:
@@ -611,6 +697,19 @@ def compile_variants() -> list:
                          HAS_GLOGP=glogp, HAS_GENT=gent, FILTER=filt, **kw),
                     num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=f"dz[{tag},{label}]",
                     shape=shape, fast=first and glogp and gent and not (bias or filt)))
+        if full:  # the filtered backward's tile-skipping GEMMs, at each dz tile size the autotuner can pick
+            for bn, bv in sorted({c[:2] for c in GPU_CONFIGS}):
+                skip = dict(dz_ptr=x, flags_ptr=i8, N=n, H=hdim, width=chunk, col_start=0, stride_dz=chunk,
+                            UPCAST=False, PRECISION=flags["PRECISION"], ACC=tl.float32, TILE_N=bn, TILE_V=bv,
+                            BLOCK_HO=128)
+                out.append(KernelVariant(
+                    "linear_logprobs", f"dhidden_skip[{tag},T{bn}x{bv}]", _dhidden_skip,
+                    dict(skip, w_ptr=x, dh_ptr=f32, stride_w=hdim, stride_dh=hdim, ACCUMULATE=True,
+                         BLOCK_K=min(64, bv)), num_warps=8, gemm=True, shape=shape))
+                out.append(KernelVariant(
+                    "linear_logprobs", f"dweight_skip[{tag},T{bn}x{bv}]", _dweight_skip,
+                    dict(skip, h_ptr=x, dw_ptr=x, stride_h=hdim, stride_dw=hdim, BLOCK_K=min(64, bn)),
+                    num_warps=8, gemm=True, shape=shape))
         rows = TARGET_ROWS
         block_h = min(256, triton.next_power_of_2(hdim))
         out.append(KernelVariant(

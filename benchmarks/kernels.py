@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> Path:
 def write_model(args, measured: dict, name: str, out: Path | None) -> Path:
     """The performance model beside the measurements (if any): JSON and a markdown table."""
     table = args.sass_table
-    if args.compile_sass:
+    if args.compile_sass or (not args.smoke and not Path(table).is_file()):
         import tempfile
 
         table = compile_sass_table(Path(tempfile.mkdtemp(prefix="sass_")) / "compile_check.json")

@@ -716,5 +716,6 @@ def compile_variants() -> list:
             "linear_logprobs", f"target_logits[{tag}]", _target_logits,
             dict(h_ptr=x, w_ptr=x, b_ptr=x, targets_ptr=i64, out_ptr=f32, N=n, H=hdim, stride_h=hdim,
                  stride_w=hdim, inv_temp=1.0, HAS_BIAS=False, ACC=tl.float32, ROWS=rows, BLOCK_H=block_h),
-            num_warps=4, stream_elems=2 * rows * block_h, shape=shape, fast=dtype == torch.bfloat16 and full))
+            num_warps=4, stream_elems=2 * rows * block_h, sass_budget=6, shape=shape,
+            fast=dtype == torch.bfloat16 and full))
     return out

@@ -418,16 +418,20 @@ def _issue_ms(warp_instr: float, mufu_warp_instr: float, gpu: dict) -> float:
 def linear_sass_model(kind: str, rec: dict, n: int, hdim: int, vocab: int) -> dict | None:
     """Instruction-issue time of one linear kernel launch from its compiled SASS (a compile-check record).
 
-    The K-loop is the innermost SASS loop; for the forward the vocab-tile loop is the next one, and its body
-    minus the K-loop is the softmax epilogue of one tile. Per program: fwd = tiles x (K steps x K-loop +
+    The K-loop is the innermost SASS loop (no MUFU in it); for the forward the vocab-tile loop is the smallest
+    loop holding MUFU (ex2), and its body minus the K-loop is the softmax epilogue of one tile. Per program: fwd = tiles x (K steps x K-loop +
     epilogue) + the rest once; dz = K steps x K-loop + the rest (epilogue, stores) once. With one CTA per SM
     the epilogue cannot overlap another CTA's tensor-core work, so it adds to the GEMM time (``expected``)."""
     from srpo_fast.kernels.linear_logprobs import num_splits
 
     m = CONFIG_RE.search(rec["name"])
-    loops = [lp["instr"] for lp in rec.get("loops") or []]
-    if not m or not loops or (kind == "fwd" and len(loops) < 2):
+    loops = rec.get("loops") or []
+    k_loops = [lp["instr"] for lp in loops  # the K-loop: tensor-core work, no ex2
+               if (lp.get("HGMMA") or lp.get("HMMA")) and not lp.get("MUFU")]
+    tile_loops = [lp["instr"] for lp in loops if lp.get("MUFU")]  # a loop holding the softmax epilogue
+    if not m or not k_loops or (kind == "fwd" and not tile_loops):
         return None
+    loops = [min(k_loops)] + ([min(tile_loops)] if kind == "fwd" else [])
     bn, bv, bh, warps, _ = (int(x) for x in m.groups())
     k_steps, row_blocks, tiles = -(-hdim // bh), -(-n // bn), -(-vocab // bv)
     total = rec["sass_total"]

@@ -46,8 +46,6 @@ works on 128 x 128 tiles.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._dispatch import (
@@ -59,7 +57,9 @@ from ._dispatch import (
     check_same_device,
     check_targets_in_range,
     check_temperature,
-    choose_backend,
+    choose,
+    device_guard,
+    dot_precision,
     interpreting,
     tl,
     tl_dtype,
@@ -310,10 +310,7 @@ if HAS_TRITON:
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     upcast = interpreting() and dtype in (torch.bfloat16, torch.float16)
-    precision = None
-    if dtype == torch.float32:
-        precision = "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not interpreting()) else "ieee"
-    return dict(UPCAST=upcast, PRECISION=precision, ACC=tl_dtype(acc_dtype(dtype)))
+    return dict(UPCAST=upcast, PRECISION=dot_precision(dtype), ACC=tl_dtype(acc_dtype(dtype)))
 
 
 def num_splits(n: int, vocab: int, sms: int) -> int:
@@ -565,14 +562,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent=None):
         if g_logp is None and g_ent is None:
             return (None,) * 9
-        d_hidden, d_weight, d_bias = _backward(ctx, g_logp, g_ent)
+        with device_guard(g_logp if g_logp is not None else g_ent):
+            d_hidden, d_weight, d_bias = _backward(ctx, g_logp, g_ent)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0, return_entropy: bool = True, bias: torch.Tensor | None = None,
                           *, check: bool = True, chunk_size: int | None = None,
-                          grad_filter_eps: float | None = None):
+                          grad_filter_eps: float | None = None, backend: str | None = None):
     """``token_logprobs(hidden @ weight.T + bias, targets, temperature)`` without materializing the logits.
 
     Args:
@@ -586,6 +584,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         grad_filter_eps: None (default) for the exact backward; a float in (0, 1) skips (zeroes) the logit-
             gradient tiles whose entries all have |1[j = t] - p_j| < eps, as CCE does with 2^-12 (error bound in
             the module docstring).
+        backend: "auto" (default: Triton on CUDA), "torch" or "triton"; overrides ``SRPO_FAST_KERNELS``.
+            fp32 inputs use tf32 tensor cores when ``torch.get_float32_matmul_precision()`` allows it, else the
+            torch reference (with a one-time warning); fp64 on CUDA always runs the torch reference.
 
     Returns:
         ``(logp, entropy)`` [N] each, fp32 (fp64 for fp64 inputs), or ``logp``; differentiable w.r.t.
@@ -622,11 +623,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    backend = choose_backend(hidden.device)
+    backend = choose("linear_token_logprobs", hidden, backend).backend
     targets = targets.to(torch.int64).contiguous()
     eps = None if grad_filter_eps is None else float(grad_filter_eps)
-    return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), backend,
-                                      chunk_size, eps)
+    with device_guard(hidden):
+        return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, inv_temp, bool(return_entropy), backend,
+                                          chunk_size, eps)
 
 
 def prewarm(weight: torch.Tensor, token_counts, *, bias: torch.Tensor | None = None, backward: bool = True,
@@ -640,7 +642,7 @@ def prewarm(weight: torch.Tensor, token_counts, *, bias: torch.Tensor | None = N
     """
     if isinstance(token_counts, int):
         token_counts = [token_counts]
-    if choose_backend(weight.device) != "triton":
+    if choose("linear_token_logprobs", weight).backend != "triton":
         return []
     buckets = sorted({n_bucket(int(n)) for n in token_counts if int(n) > 0})
     gen = torch.Generator(device=weight.device).manual_seed(0)
@@ -661,6 +663,7 @@ def compile_variants() -> list:
     bias; each gradient combination; filtered and exact), and the target gather-dot. Token counts 1, 4097 and
     65536 cover Triton's specializations (a constant 1, odd, divisible by 16); hidden sizes and vocabularies all
     specialize alike, so one of each stands for the rest."""
+    from ._dispatch import GEMM_MIN_CAPABILITY
     from ._variants import DTYPE_NAMES, HIDDEN_SIZES, VOCAB_SIZES, KernelVariant, TensorArg
 
     f32, i64, i8 = TensorArg(torch.float32), TensorArg(torch.int64), TensorArg(torch.int8)
@@ -674,6 +677,7 @@ def compile_variants() -> list:
         tag = f"{DTYPE_NAMES[dtype]},N={n}"
         shape = dict(N=n, H=hdim, V=vocab, dtype=DTYPE_NAMES[dtype])
         chunk = backward_chunk(hdim, vocab, torch.tensor([], dtype=dtype).element_size())
+        min_arch = 10 * GEMM_MIN_CAPABILITY[dtype][0] + GEMM_MIN_CAPABILITY[dtype][1]
         common = dict(h_ptr=x, w_ptr=x, b2_ptr=f32, N=n, V=vocab, H=hdim, stride_h=hdim, stride_w=hdim,
                       n_bucket=n_bucket(n), scale2=LOG2E, **flags)
         fwd_cases = [False, True] if full else [False]
@@ -690,7 +694,7 @@ def compile_variants() -> list:
                     dict(common, m_ptr=f32, s_ptr=f32, u_ptr=f32, num_splits=num_splits(n, vocab, 132),
                          HAS_BIAS=bias, **kw),
                     num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=group, shape=shape,
-                    fast=first and not bias))
+                    min_arch=min_arch, fast=first and not bias))
             for glogp, gent, bias, filt in dz_cases:
                 label = f"glogp={int(glogp)},gent={int(gent)},bias={int(bias)},filter={int(filt)}"
                 out.append(KernelVariant(
@@ -699,7 +703,7 @@ def compile_variants() -> list:
                          stride_dz=chunk, col_start=0, width=chunk, filter_eps=2.0 ** -12, HAS_BIAS=bias,
                          HAS_GLOGP=glogp, HAS_GENT=gent, FILTER=filt, **kw),
                     num_warps=c.num_warps, num_stages=c.num_stages, gemm=True, group=f"dz[{tag},{label}]",
-                    shape=shape, fast=first and glogp and gent and not (bias or filt)))
+                    shape=shape, min_arch=min_arch, fast=first and glogp and gent and not (bias or filt)))
         if full:  # the filtered backward's tile-skipping GEMMs, at each dz tile size the autotuner can pick
             for bn, bv in sorted({c[:2] for c in GPU_CONFIGS}):
                 skip = dict(dz_ptr=x, flags_ptr=i8, N=n, H=hdim, width=chunk, col_start=0, stride_dz=chunk,
@@ -708,11 +712,11 @@ def compile_variants() -> list:
                 out.append(KernelVariant(
                     "linear_logprobs", f"dhidden_skip[{tag},T{bn}x{bv}]", _dhidden_skip,
                     dict(skip, w_ptr=x, dh_ptr=f32, stride_w=hdim, stride_dh=hdim, ACCUMULATE=True,
-                         BLOCK_K=min(64, bv)), num_warps=8, gemm=True, shape=shape))
+                         BLOCK_K=min(64, bv)), num_warps=8, gemm=True, shape=shape, min_arch=min_arch))
                 out.append(KernelVariant(
                     "linear_logprobs", f"dweight_skip[{tag},T{bn}x{bv}]", _dweight_skip,
                     dict(skip, h_ptr=x, dw_ptr=x, stride_h=hdim, stride_dw=hdim, BLOCK_K=min(64, bn)),
-                    num_warps=8, gemm=True, shape=shape))
+                    num_warps=8, gemm=True, shape=shape, min_arch=min_arch))
         rows = TARGET_ROWS
         block_h = min(256, triton.next_power_of_2(hdim))
         out.append(KernelVariant(

@@ -471,7 +471,8 @@ def _skip_gemms(dz, weight, hidden, d_hidden, d_weight, flags, c0, width):
                             d_hidden.stride(0), ACCUMULATE=c0 > 0, ACC=tl_dtype(d_hidden.dtype), TILE_N=tile_n,
                             TILE_V=tile_v, BLOCK_HO=block_ho, BLOCK_K=min(64, tile_v), num_warps=warps,
                             **flags_dtype)
-    if d_weight is not None:
+    if d_weight is not None:  # a [256, 128] fp32 accumulator spills on sm_80: narrower H blocks for wide tiles
+        block_ho = block_ho if small or tile_v < 256 else 64
         grid = (triton.cdiv(width, tile_v), triton.cdiv(hdim, block_ho))
         _dweight_skip[grid](dz, hidden, d_weight, flags, n, hdim, width, c0, dz.stride(0), hidden.stride(0),
                             d_weight.stride(0), ACC=tl_dtype(acc_dtype(dz.dtype)), TILE_N=tile_n, TILE_V=tile_v,
@@ -707,15 +708,15 @@ def compile_variants() -> list:
         if full:  # the filtered backward's tile-skipping GEMMs, at each dz tile size the autotuner can pick
             for bn, bv in sorted({c[:2] for c in GPU_CONFIGS}):
                 skip = dict(dz_ptr=x, flags_ptr=i8, N=n, H=hdim, width=chunk, col_start=0, stride_dz=chunk,
-                            UPCAST=False, PRECISION=flags["PRECISION"], ACC=tl.float32, TILE_N=bn, TILE_V=bv,
-                            BLOCK_HO=128)
+                            UPCAST=False, PRECISION=flags["PRECISION"], ACC=tl.float32, TILE_N=bn, TILE_V=bv)
                 out.append(KernelVariant(
                     "linear_logprobs", f"dhidden_skip[{tag},T{bn}x{bv}]", _dhidden_skip,
-                    dict(skip, w_ptr=x, dh_ptr=f32, stride_w=hdim, stride_dh=hdim, ACCUMULATE=True,
+                    dict(skip, w_ptr=x, dh_ptr=f32, stride_w=hdim, stride_dh=hdim, ACCUMULATE=True, BLOCK_HO=128,
                          BLOCK_K=min(64, bv)), num_warps=8, gemm=True, shape=shape, min_arch=min_arch))
                 out.append(KernelVariant(
                     "linear_logprobs", f"dweight_skip[{tag},T{bn}x{bv}]", _dweight_skip,
-                    dict(skip, h_ptr=x, dw_ptr=x, stride_h=hdim, stride_dw=hdim, BLOCK_K=min(64, bn)),
+                    dict(skip, h_ptr=x, dw_ptr=x, stride_h=hdim, stride_dw=hdim, BLOCK_K=min(64, bn),
+                         BLOCK_HO=128 if bv < 256 else 64),
                     num_warps=8, gemm=True, shape=shape, min_arch=min_arch))
         rows = TARGET_ROWS
         block_h = min(256, triton.next_power_of_2(hdim))

@@ -418,20 +418,30 @@ def _torch_forward(hidden, weight, bias, targets, inv_temp, chunk):
     return z_target - lse, lse * LOG2E, log_s - u / s
 
 
+_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether this torch has the fp32-output half GEMM
+
+
 def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """acc (+)= a @ b with acc fp32 and a, b possibly half precision: cuBLAS's fp32-output GEMM on CUDA (beta 0
-    for the first chunk, 1 after: no half-precision product, no temporary); elsewhere one product per call."""
+    for the first chunk, 1 after: no half-precision product, no temporary) where this torch has ``out_dtype``;
+    otherwise (older torch, CPU) one half-precision product per call, added in fp32."""
     if a.dtype == acc.dtype:
         if accumulate:
             acc.addmm_(a, b)
         else:
             torch.mm(a, b, out=acc)
-    elif acc.is_cuda:
-        if accumulate:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-        else:
-            torch.mm(a, b, out_dtype=acc.dtype, out=acc)
-    elif accumulate:
+        return
+    if acc.is_cuda and _OUT_DTYPE_MM.get("cuda", True):
+        try:
+            if accumulate:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            else:
+                torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+            _OUT_DTYPE_MM["cuda"] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM["cuda"] = False
+    if accumulate:
         acc += a @ b
     else:
         acc.copy_(a @ b)

@@ -1,5 +1,7 @@
 """linear_token_logprobs: Triton (interpreter) and torch paths vs fp64 log_softmax(hidden @ W.T + b), fwd and bwd,
 and a check that no [N, V]-sized tensor is ever created."""
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -186,23 +188,95 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_merge_of_vocab_range_partials_handles_empty_ranges():
-    """The forward kernel's per-range (max, sum-exp, entropy term) partials, one range empty, merge exactly."""
-    from srpo_fast.kernels.linear_logprobs import _merge_splits
+    """The forward kernel's per-range base-2 partials (max, sum 2^(z-m), sum 2^(z-m)(z-m)), one range empty
+    (m = NEG, s = u = 0, as an empty trailing split) and one all-masked (every z = NEG), merge exactly."""
+    from srpo_fast.kernels.linear_logprobs import LN2, LOG2E, NEG, _merge_splits
 
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(5, 90, generator=gen, dtype=torch.float64) * 3
-    ranges = [z[:, :40], z[:, 40:41], z[:, 41:], z[:, :0]]  # the last range is empty, as in a trailing split
+    z2 = z * LOG2E
+    ranges = [z2[:, :40], z2[:, 40:41], z2[:, 41:], torch.full((5, 7), NEG, dtype=z.dtype)]
     m, s, u = [], [], []
     for part in ranges:
-        mx = part.max(1).values if part.shape[1] else torch.full((5,), float("-inf"), dtype=z.dtype)
-        e = torch.exp(part - mx[:, None])
+        mx = part.max(1).values
+        e = torch.exp2(part - mx[:, None])
         m.append(mx)
         s.append(e.sum(1))
         u.append((e * (part - mx[:, None])).sum(1))
-    lse, ent = _merge_splits(torch.stack(m), torch.stack(s), torch.stack(u))
+    m.append(torch.full((5,), NEG, dtype=z.dtype))
+    s.append(torch.zeros(5, dtype=z.dtype))
+    u.append(torch.zeros(5, dtype=z.dtype))
+    lse2, ent = _merge_splits(torch.stack(m), torch.stack(s), torch.stack(u))
     log_p = torch.log_softmax(z, -1)
-    assert torch.allclose(lse, torch.logsumexp(z, -1), rtol=1e-12)
+    assert torch.allclose(lse2 * LN2, torch.logsumexp(z, -1), rtol=1e-12)
     assert torch.allclose(ent, -(log_p.exp() * log_p).sum(-1), rtol=1e-12)
+
+
+def peaked(n, hdim, vocab, seed):
+    """A confident model: most probabilities far below 2^-12, so the gradient filter has tiles to drop."""
+    hidden, weight, bias, targets = make(n, hdim, vocab, torch.float32, seed)
+    return hidden * 3, weight * 3, bias, targets
+
+
+@pytest.mark.parametrize("eps", [2.0 ** -12, 2.0 ** -6])
+def test_grad_filter_error_is_within_its_bound(backend, eps):
+    """grad_filter_eps drops only entries with p < eps away from targets: forward unchanged, every gradient
+    entry within the documented bound of the exact one, and something actually dropped."""
+    n, hdim, vocab, temperature = 5, 16, 1400, 0.9
+    hidden, weight, bias, targets = peaked(n, hdim, vocab, 11)
+    gen = torch.Generator().manual_seed(0)
+    g_logp, g_ent = torch.randn(2, n, generator=gen)
+    grads = {}
+    for key in (None, eps):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = linear_token_logprobs(h, w, targets, temperature, bias=bias, chunk_size=256,
+                                          grad_filter_eps=key)
+        (logp @ g_logp + ent @ g_ent).backward()
+        grads[key] = (logp.detach(), ent.detach(), h.grad, w.grad)
+    exact, filt = grads[None], grads[eps]
+    assert torch.equal(exact[0], filt[0]) and torch.equal(exact[1], filt[1])
+    # per dropped entry |dz| <= eps (|g_logp| + |g_ent| (|ln eps| + H)) / T
+    per_row = eps * (g_logp.abs() + g_ent.abs() * (abs(math.log(eps)) + exact[1].abs())) / temperature
+    dh_bound = per_row[:, None] * weight.abs().sum(0)[None, :]
+    dw_bound = (per_row[:, None] * hidden.abs()).sum(0)[None, :].expand(vocab, hdim)
+    slack = 1e-5  # fp32 rounding of the two computations
+    assert ((filt[2] - exact[2]).abs() <= dh_bound + slack * exact[2].abs().max()).all()
+    assert ((filt[3] - exact[3]).abs() <= dw_bound + slack * exact[3].abs().max()).all()
+    assert (filt[3] != exact[3]).any()  # some tile was dropped
+    assert (filt[3][targets] != 0).any(1).all()  # tiles holding a target are always kept
+    assert rel_err(filt[2], exact[2].double()) < (5e-2 if eps > 1e-3 else 2e-3)
+
+
+def test_grad_filter_eps_validated(backend):
+    hidden, weight, _, targets = make(4, 8, 50, torch.float32, 0, with_bias=False)
+    for bad in (0.0, 1.0, -1e-3):
+        with pytest.raises(ValueError, match="grad_filter_eps"):
+            linear_token_logprobs(hidden, weight, targets, grad_filter_eps=bad)
+
+
+def test_n_bucket_and_backward_chunk_budget():
+    from srpo_fast.kernels.linear_logprobs import MEMORY_BUDGET, N_BUCKETS, backward_chunk, n_bucket
+
+    assert [n_bucket(n) for n in (1, 256, 257, 16384, 16385, 10 ** 6)] == [256, 256, 512, 16384, 32768, 65536]
+    assert all(n_bucket(b) == b for b in N_BUCKETS)
+    for hdim in (2048, 3584, 5120):
+        for vocab in (151_936, 152_064):
+            chunk = backward_chunk(hdim, vocab, 2)
+            n = 16384
+            extra = 4 * n * hdim + 2 * n * chunk
+            assert chunk % 256 == 0 and extra <= MEMORY_BUDGET * 4 * n * vocab
+            assert 4 * n * hdim + 2 * n * (chunk + 256) > MEMORY_BUDGET * 4 * n * vocab  # the largest that fits
+    assert backward_chunk(5120, 2000, 2) == 256  # budget impossible: the smallest chunk
+    assert backward_chunk(64, 100_000, 4) == 4864  # fp32: (0.2 V - 4 H) / 4 = 4936, down to a multiple of 256
+
+
+def test_prewarm_runs_each_bucket_once(backend):
+    from srpo_fast.kernels.linear_logprobs import prewarm
+
+    _, weight, bias, _ = make(1, 16, 96, torch.float32, 2)
+    buckets = prewarm(weight, [3, 200, 300, 256], bias=bias)
+    assert buckets == ([256, 512] if backend == "triton" else [])
+    assert weight.grad is None  # the caller's parameters are left untouched
 
 
 @pytest.mark.gpu
@@ -224,3 +298,22 @@ def test_cuda_row_count_extremes(n):
     ours, refs = run_both(hidden.cuda(), weight.cuda(), None, targets.cuda(), 1.0)
     assert rel_err(ours[0].cpu(), refs[0].cpu()) < 1e-4 and rel_err(ours[1].cpu(), refs[1].cpu()) < 1e-4
     assert rel_err(ours[2].cpu(), refs[2].cpu()) < 2e-2 and rel_err(ours[3].cpu(), refs[3].cpu()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_filtered_backward_and_prewarm():
+    """On a GPU: the skip GEMMs (at the autotuned tile) stay within the filter's error bound of the exact
+    backward, and prewarm tunes each bucket once."""
+    from srpo_fast.kernels.linear_logprobs import prewarm
+
+    hidden, weight, bias, targets = peaked(300, 64, 4099, 3)
+    hidden, weight, targets = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), targets.cuda()
+    assert prewarm(weight, [200, 300]) == [256, 512]
+    grads = {}
+    for eps in (None, 2.0 ** -12):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = linear_token_logprobs(h, w, targets, grad_filter_eps=eps)
+        (logp.sum() + ent.sum()).backward()
+        grads[eps] = (h.grad.float(), w.grad.float())
+    for exact, filt in zip(grads[None], grads[2.0 ** -12]):
+        assert rel_err(filt.cpu(), exact.cpu().double()) < 2e-2

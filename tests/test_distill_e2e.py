@@ -34,7 +34,7 @@ def policy_dir(tiny_kit, tmp_path_factory):
     from transformers import AutoModelForImageTextToText
 
     from srpo_fast.models.processor import load_processor
-    from srpo_fast.rollout.prompts import PromptBuilder
+    from srpo_fast.rollout.encoding import PromptBuilder
 
     out = tmp_path_factory.mktemp("distill") / "policy"
     shutil.copytree(tiny_kit["vl"], out)

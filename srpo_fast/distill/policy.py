@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from srpo_fast.data.prompts import build_messages
 from srpo_fast.rollout import (HFEngine, InvalidRequestError, RolloutEngineConfig, RolloutRequest, SamplingConfig,
                                VLLMEngine)
-from srpo_fast.rollout.prompts import too_long
+from srpo_fast.rollout.encoding import too_long
 
 from .assemble import Skip
 from .config import EngineSettings

@@ -125,7 +125,7 @@ def _generate(engine, items: Sequence[EvalItem], settings: EvalSettings, skip: C
     are skipped and counted, and the rest of the batch still runs."""
     from srpo_fast.data.prompts import build_messages
     from srpo_fast.rollout import InvalidRequestError, RolloutRequest, SamplingConfig
-    from srpo_fast.rollout.prompts import too_long
+    from srpo_fast.rollout.encoding import too_long
 
     batch: list[tuple[EvalItem, RolloutRequest]] = []
     for item in items:

@@ -44,7 +44,7 @@ import torch
 from srpo_fast.models.processor import load_processor
 
 from .guards import VISION_TOKENS, flag_response, request_seed, tokenizer_size, vision_token_ids
-from .prompts import PreparedPrompt, PromptBuilder, pixel_bounds, prepare_batch
+from .encoding import PreparedPrompt, PromptBuilder, pixel_bounds, prepare_batch
 from .types import (EngineFailure, OverlongPolicy, RolloutEngineConfig, RolloutRequest,
                     Rollouts, RolloutSample, SamplingConfig, WeightPair,
                     logprobs_temperature, WeightsInput, WeightSyncError,

@@ -21,7 +21,7 @@ from srpo_fast.data.records import open_images
 from srpo_fast.models import is_vision_language, packed_token_logprobs
 from srpo_fast.models.processor import load_processor
 from srpo_fast.rollout import InvalidRequestError, RolloutRequest
-from srpo_fast.rollout.prompts import PromptBuilder
+from srpo_fast.rollout.encoding import PromptBuilder
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, world_size
 
 from .run import DataOrder, device_memory, load_train_records, rank_share, start_run, total_steps

@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning on the reflection cold-start data (SRPO.md, stage 1).
+"""Stage 1: supervised fine-tuning on the reflection cold-start data (docs/method.md, stage 1).
 
 Each record (EasyR1 schema plus `response`, as `python -m srpo_fast.distill` writes it) is trained as
 prompt = the srpo chat template over `problem` and its images, target = `response` + `<|im_end|>`. The loss is

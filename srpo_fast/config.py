@@ -69,7 +69,7 @@ class EngineSettings:
     max_model_len: int = 4096
     max_num_seqs: int = 256  # vLLM: sequences in flight
     gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
-    kv_cache_gb: float | None = None  # vLLM: an explicit KV-cache size in GiB, over gpu_memory_utilization (CPU: set it)
+    kv_cache_gb: float | None = None  # vLLM: KV-cache size in GiB, wins over gpu_memory_utilization (CPU: set it)
     enforce_eager: bool = False  # vLLM: no CUDA graphs
     hf_batch_size: int = 16  # HF engine: rows per generate call
 

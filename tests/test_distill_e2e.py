@@ -25,7 +25,8 @@ from srpo_fast.rollout import HFEngine, RolloutEngineConfig, RolloutRequest, Sam
 N = 8
 # per task: (think, answer) the tiny policy is trained to give, whatever the image shows
 TRAINED = {"count": ("I count the shapes of that color.", "\\boxed{2}"),
-           "add": ("I add the two numbers.", "\\boxed{7}"), "compare": ("I compare the two sizes.", "A"), "color": ("I look at the shape's color.", "B")}
+           "add": ("I add the two numbers.", "\\boxed{7}"), "compare": ("I compare the two sizes.", "A"),
+           "color": ("I look at the shape's color.", "B")}
 
 
 @pytest.fixture(scope="module")

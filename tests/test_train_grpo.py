@@ -30,7 +30,8 @@ def run_trainer(args: list[str], *, timeout: int = 300) -> subprocess.CompletedP
 def hf_args(model: Path, out: Path, steps: int) -> list[str]:
     return ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"model.path={model}", f"train.output_dir={out}",
             f"train.max_steps={steps}", "train.save_every=1", "reward.preset=trainer_rewards:digit_share",
-            "algo.filter_groups=false", "train.val_every=0", "rollout.max_tokens=24", "train.lr=3e-3", "log.progress=false", "train.max_tokens_per_microbatch=600"]
+            "algo.filter_groups=false", "train.val_every=0", "rollout.max_tokens=24", "train.lr=3e-3",
+            "log.progress=false", "train.max_tokens_per_microbatch=600"]
 
 
 def metrics(out: Path) -> list[dict]:

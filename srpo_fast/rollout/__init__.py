@@ -15,6 +15,7 @@ from .types import (EngineFailure, ImageInputs, InvalidRequestError, RolloutEngi
 from .vllm_engine import VLLMEngine
 from .weights import bucket_by_bytes, iter_weight_pairs
 
-__all__ = ["EngineFailure", "EngineSettings", "HFEngine", "ImageInputs", "InvalidRequestError", "RolloutEngine", "RolloutEngineConfig",
-           "RolloutRequest", "RolloutSample", "Rollouts", "SamplingConfig", "VLLMEngine", "WeightSyncError",
-           "WeightSyncStats", "bucket_by_bytes", "build_engine", "engine_config", "iter_weight_pairs"]
+__all__ = ["EngineFailure", "EngineSettings", "HFEngine", "ImageInputs", "InvalidRequestError", "RolloutEngine",
+           "RolloutEngineConfig", "RolloutRequest", "RolloutSample", "Rollouts", "SamplingConfig", "VLLMEngine",
+           "WeightSyncError", "WeightSyncStats", "bucket_by_bytes", "build_engine", "engine_config",
+           "iter_weight_pairs"]

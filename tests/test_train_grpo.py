@@ -1,7 +1,7 @@
 """The GRPO trainer end to end (`python -m srpo_fast.train`, `torchrun -m srpo_fast.train`) on the tiny kit.
 
 The SRPO presets give a random-init model reward 0 everywhere (it never writes the tags), so these runs use a test
-reward with a real signal (tests/trainer_rewards.py, through the registry's "module:function" form)."""
+reward with a real signal (tests/trainer_rewards.py, as a "module:function" reward preset)."""
 from __future__ import annotations
 
 import json

@@ -28,7 +28,8 @@ setup(
         "offload": ["deepspeed==0.19.8"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
         # nvidia-ml-py: the telemetry tests check their fake NVML against the real module (pure Python, no driver)
-        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout", "nvidia-ml-py==13.615.71"],
+        "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout", "nvidia-ml-py==13.615.71",
+                 "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["srpo-fast-tiny=srpo_fast.tiny:main"]},
 )

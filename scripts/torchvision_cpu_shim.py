@@ -20,7 +20,8 @@ class _DefineTorchvisionOps(importlib.abc.MetaPathFinder):
 
         for op in ("nms", "qnms"):
             try:
-                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                torch.library.define(f"torchvision::{op}",
+                                     "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             except Exception:  # already defined (a working torchvision, or a second import)
                 pass
         return None  # let the regular finders load torchvision

@@ -64,28 +64,51 @@ class DataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class EngineSettings:
+    """How a rollout engine runs: one type for the trainer's `rollout` section, distill's `policy` and
+    `teacher.local`, and eval's options; `srpo_fast.rollout.build_engine` turns it into an engine."""
+
     engine: str = "vllm"  # vllm | hf
+    dtype: str | None = None  # null: training uses model.dtype; distill and eval bfloat16 on CUDA, float32 on CPU
+    max_model_len: int = 4096
+    max_num_seqs: int = 256  # vLLM: sequences in flight
+    gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
+    kv_cache_gb: float | None = None  # vLLM: KV-cache size in GiB, wins over gpu_memory_utilization (CPU: set it)
+    enforce_eager: bool = False  # vLLM: no CUDA graphs
+    hf_batch_size: int = 16  # HF engine: rows per generate call
+
+    def __post_init__(self):
+        try:  # config loading puts the section's dotted name where the class name is
+            _one_of("engine", self.engine, ("vllm", "hf"))
+            if self.dtype is not None:
+                _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+            _positive("max_num_seqs", self.max_num_seqs)
+            _positive("hf_batch_size", self.hf_batch_size)
+            _in_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+            if self.max_model_len < 2:
+                raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            if self.kv_cache_gb is not None:
+                _positive("kv_cache_gb", self.kv_cache_gb)
+        except ConfigError as exc:
+            raise ValueError(f"{type(self).__name__}.{exc}") from None
+
+
+@dataclass
+class RolloutConfig(EngineSettings):
     n: int = 8  # rollouts per prompt (the GRPO group)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 2048
-    gpu_memory_utilization: float = 0.5
-    max_num_seqs: int = 256
-    max_model_len: int = 4096
-    enforce_eager: bool = False
-    kv_cache_gb: float | None = None  # CPU only: vLLM's KV cache size
     sync_bucket_mb: int = 512  # weight-sync bucket size
 
     def __post_init__(self):
-        _one_of("rollout.engine", self.engine, ("vllm", "hf"))
+        super().__post_init__()
         _positive("rollout.n", self.n)
         _positive("rollout.max_tokens", self.max_tokens)
         if self.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         _in_range("rollout.top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _in_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
 
 
 @dataclass

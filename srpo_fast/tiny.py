@@ -49,7 +49,7 @@ def _tokenizer_corpus(seed: int) -> list[str]:
              "is larger red green blue yellow purple orange one answer with a letter number count add compare "
              "first second wait let me check again the error was I miscounted so correct final").split()
     lines = []
-    for i in range(1500):
+    for _ in range(1500):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         sentence = " ".join(rng.choice(words) for _ in range(12))
         lines.append(

@@ -1,5 +1,5 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is
-set here, before the test modules import srpo_fast.kernels (shared/NOTES-platform.md)."""
+set here, before the test modules import srpo_fast.kernels (docs/platform.md)."""
 import importlib.util
 import os
 

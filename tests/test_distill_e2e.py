@@ -25,7 +25,8 @@ from srpo_fast.rollout import HFEngine, RolloutEngineConfig, RolloutRequest, Sam
 N = 8
 # per task: (think, answer) the tiny policy is trained to give, whatever the image shows
 TRAINED = {"count": ("I count the shapes of that color.", "\\boxed{2}"),
-           "add": ("I add the two numbers.", "\\boxed{7}"), "compare": ("I compare the two sizes.", "A"), "color": ("I look at the shape's color.", "B")}
+           "add": ("I add the two numbers.", "\\boxed{7}"), "compare": ("I compare the two sizes.", "A"),
+           "color": ("I look at the shape's color.", "B")}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def policy_dir(tiny_kit, tmp_path_factory):
     from transformers import AutoModelForImageTextToText
 
     from srpo_fast.models.processor import load_processor
-    from srpo_fast.rollout.prompts import PromptBuilder
+    from srpo_fast.rollout.encoding import PromptBuilder
 
     out = tmp_path_factory.mktemp("distill") / "policy"
     shutil.copytree(tiny_kit["vl"], out)
@@ -201,7 +202,7 @@ def test_vllm_policy_end_to_end(policy_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     server = TeacherServer()
     try:
-        summary = cli(policy_dir, server, tmp_path / "vllm", "policy.kv_cache_bytes=33554432",
+        summary = cli(policy_dir, server, tmp_path / "vllm", "policy.kv_cache_gb=0.03125",
                       "policy.enforce_eager=true", "policy.max_num_seqs=8", engine="vllm")
     finally:
         server.close()
@@ -212,7 +213,7 @@ def test_vllm_policy_end_to_end(policy_dir, tmp_path, monkeypatch):
     local = main(["--policy", str(policy_dir), "--teacher-local", str(policy_dir), "--synthetic", "4",
                   "--out", str(tmp_path / "vllm_local"), "--engine", "vllm", "--no-progress", "policy.dtype=float32",
                   "policy.max_model_len=1024", "policy.temperature=0", "policy.max_tokens=40",
-                  "policy.kv_cache_bytes=33554432", "policy.enforce_eager=true", "policy.max_num_seqs=8",
+                  "policy.kv_cache_gb=0.03125", "policy.enforce_eager=true", "policy.max_num_seqs=8",
                   "teacher.local.dtype=float32", "teacher.local.temperature=0", "teacher.local.max_tokens=40",
                   "reward.num_workers=1"])
     asked = local["this_run"]["teacher"]["requests"]

@@ -1,4 +1,4 @@
-"""score_batch with the SRPO presets: every expected value below is worked out by hand from shared/SRPO.md.
+"""score_batch with the SRPO presets: every expected value below is worked out by hand from docs/method.md.
 
 Token counts use a counter that ignores the tags (words of the text between them), so lengths are easy to
 hand-count. Unless a case says otherwise: T1 = "a b c" and A1 = "4" give ℓ1 = 4, T_target = 8, T_max = 10, and

@@ -22,7 +22,7 @@ def test_engine_per_rank_under_torchrun(tiny_kit, tmp_path):
     proc = torchrun(Path(__file__), [str(tiny_kit["text"]), str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for r, result in enumerate(ranks):
+    for result in ranks:
         assert result["backend"] == "external_launcher"
         assert result["allreduce_after_engine"] == 3.0  # 1 + 2: the trainer's group survived the engine start
         assert result["rng_kept"]

@@ -198,7 +198,7 @@ def test_samples_are_grouped_seeded_and_flagged(engines):
     assert len(rollouts) == 9 and rollouts.num_requests == 3
     assert [(s.group, s.index_in_group) for s in rollouts] == [(g, k) for g in range(3) for k in range(3)]
     groups = rollouts.groups()
-    for g, samples in groups.items():
+    for samples in groups.values():
         assert len({tuple(s.response_ids) for s in samples}) > 1  # n independent samples, not copies
         assert all(s.prompt_ids is samples[0].prompt_ids and s.image_inputs is samples[0].image_inputs
                    for s in samples)

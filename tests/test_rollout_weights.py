@@ -11,7 +11,7 @@ from srpo_fast.models.processor import load_processor
 from srpo_fast.rollout import (InvalidRequestError, RolloutEngineConfig, RolloutRequest, SamplingConfig,
                                WeightSyncError, bucket_by_bytes, iter_weight_pairs)
 from srpo_fast.rollout.guards import flag_response, request_seed, vision_token_ids
-from srpo_fast.rollout.prompts import PromptBuilder
+from srpo_fast.rollout.encoding import PromptBuilder
 from srpo_fast.rollout.weights import (check_known_names, checkpoint_weight_names, copy_into_module,
                                        fused_group_gaps, is_materialized, parameter_lookup)
 

@@ -1,7 +1,7 @@
 """The GRPO trainer end to end (`python -m srpo_fast.train`, `torchrun -m srpo_fast.train`) on the tiny kit.
 
 The SRPO presets give a random-init model reward 0 everywhere (it never writes the tags), so these runs use a test
-reward with a real signal (tests/trainer_rewards.py, through the registry's "module:function" form)."""
+reward with a real signal (tests/trainer_rewards.py, as a "module:function" reward preset)."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,8 @@ def run_trainer(args: list[str], *, timeout: int = 300) -> subprocess.CompletedP
 def hf_args(model: Path, out: Path, steps: int) -> list[str]:
     return ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"model.path={model}", f"train.output_dir={out}",
             f"train.max_steps={steps}", "train.save_every=1", "reward.preset=trainer_rewards:digit_share",
-            "algo.filter_groups=false", "train.val_every=0", "rollout.max_tokens=24", "train.lr=3e-3", "log.progress=false", "train.max_tokens_per_microbatch=600"]
+            "algo.filter_groups=false", "train.val_every=0", "rollout.max_tokens=24", "train.lr=3e-3",
+            "log.progress=false", "train.max_tokens_per_microbatch=600"]
 
 
 def metrics(out: Path) -> list[dict]:

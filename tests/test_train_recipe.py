@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from srpo_fast.config import ConfigError, load_config

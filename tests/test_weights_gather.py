@@ -23,7 +23,8 @@ def worker(tiny_kit, tmp_path_factory):
     out = tmp_path_factory.mktemp("gather_worker")
     proc = torchrun(HERE / "gather_worker.py", ["--kit", str(tiny_kit["vl"]), "--out", str(out)], timeout_s=240)
     result = out / "result.json"
-    assert proc.returncode == 0 and result.exists(), f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 and result.exists(), \
+        f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(result.read_text())
 
 

@@ -1,5 +1,5 @@
-"""Rewards with a learning signal for a random-init model, used by the trainer tests through the registry's
-"module:function" form. (The SRPO presets give a random tiny model 0 everywhere, so its advantages are 0.)"""
+"""Rewards with a learning signal for a random-init model, used by the trainer tests as a
+"module:function" reward preset. (The SRPO presets give a random tiny model 0 everywhere, so its advantages are 0.)"""
 import torch
 
 from srpo_fast.reward.srpo import RewardOutput

@@ -36,7 +36,7 @@ class Box:
     x1: int
     y1: int
 
-    def overlaps(self, other: "Box", gap: int = 3) -> bool:
+    def overlaps(self, other: Box, gap: int = 3) -> bool:
         return not (self.x1 + gap <= other.x0 or other.x1 + gap <= self.x0 or
                     self.y1 + gap <= other.y0 or other.y1 + gap <= self.y0)
 
@@ -150,7 +150,8 @@ def make_record(rng: random.Random, task: str, difficulty: int = 1, image_size: 
     if not 1 <= difficulty <= 5:
         raise ValueError(f"difficulty must be in 1..5, got {difficulty}")
     if image_size < 56:
-        raise ValueError(f"image_size must be >= 56 (the smallest image Qwen2.5-VL's processor takes), got {image_size}")
+        raise ValueError(f"image_size must be >= 56 (the smallest image Qwen2.5-VL's processor takes), "
+                         f"got {image_size}")
     image, problem, answer, options, meta = _MAKERS[task](rng, difficulty, image_size)
     record = {"problem": problem, "answer": answer, "images": [image], "task": task, "difficulty": difficulty,
               "meta": meta}

@@ -1,4 +1,4 @@
-"""Stage-1 reflection cold-start data (shared/SRPO.md): the policy writes a1, a teacher writes a reflection that
+"""Stage-1 reflection cold-start data (docs/method.md): the policy writes a1, a teacher writes a reflection that
 simplifies a right a1 or corrects a wrong one, and the SFT target is a1 + `<reflection>…</reflection>` + a2 (the
 ground-truth solution), written as an EasyR1-schema jsonl with a `response` column.
 

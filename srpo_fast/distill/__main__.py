@@ -14,7 +14,7 @@ from pathlib import Path
 from .build import build_teacher, load_data
 from .config import load_distill_config, save_distill_config
 from .pipeline import run_distill
-from .policy import build_engine
+from .policy import local_engine
 from .types import TeacherAuthError
 
 
@@ -57,8 +57,8 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     put("data.files", args.data)
     put("data.synthetic", args.synthetic)
     put("out", args.out)
-    put("policy.backend", args.engine)
-    put("teacher.local.backend", args.engine)
+    put("policy.engine", args.engine)
+    put("teacher.local.engine", args.engine)
     put("data.limit", args.limit)
     return out
 
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     save_distill_config(cfg, out / "config.yaml")  # names the key's env var, never the key
     teacher_kind = cfg.teacher.kind
     teacher = build_teacher(cfg) if teacher_kind == "http" else None  # fail fast on a bad URL / missing key
-    policy = build_engine(cfg.policy, max_images=max([len(r["images"]) for r in records] + [1]))
+    policy = local_engine(cfg.policy, max_images=max([len(r["images"]) for r in records] + [1]))
     if teacher is None:
-        same = cfg.teacher.local.model == cfg.policy.model and cfg.teacher.local.backend == cfg.policy.backend
+        same = cfg.teacher.local.model == cfg.policy.model and cfg.teacher.local.engine == cfg.policy.engine
         teacher = build_teacher(cfg, engine=policy if same else None)
     print(f"distill: {len(records)} records ({info}), policy {cfg.policy.model}, teacher {teacher.name} "
           f"({teacher_kind}), out {out}", file=sys.stderr)

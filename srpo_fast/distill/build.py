@@ -7,7 +7,7 @@ from srpo_fast.data.synthetic import make_dataset
 from .config import DistillConfig
 from .http_teacher import HTTPTeacher
 from .local_teacher import LocalTeacher
-from .policy import build_engine, sampling_from
+from .policy import local_engine, sampling_from
 
 
 def load_data(cfg: DistillConfig) -> tuple[list[dict], dict]:
@@ -39,6 +39,6 @@ def build_teacher(cfg: DistillConfig, engine=None):
     settings = t.local
     if not settings.model:
         raise ValueError("a local teacher needs teacher.local.model (--teacher-local DIR)")
-    engine = engine if engine is not None else build_engine(settings, max_images=8)
+    engine = engine if engine is not None else local_engine(settings, max_images=8)
     sampling = sampling_from(settings)
     return LocalTeacher(engine, name=t.model or settings.model, sampling=sampling, multimodal=t.multimodal)

@@ -10,25 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from srpo_fast.config import ConfigError, _one_of, _positive, load_sections, save_config
+from srpo_fast.config import ConfigError, EngineSettings, _one_of, _positive, load_sections, save_config
 from srpo_fast.reward.config import RewardConfig
 
 
 @dataclass
-class EngineSettings:
-    """A local model run by our rollout engines (the policy, or a local teacher)."""
+class LocalModel(EngineSettings):
+    """A local model run by our rollout engines (the policy, or a local teacher): the shared engine settings
+    (engine, dtype, max_model_len, kv_cache_gb, ...) plus the model, its image bounds and its sampling."""
 
     model: str = ""  # a local HF model dir
-    backend: str = "vllm"  # vllm | hf
-    dtype: str = "bfloat16"
-    max_model_len: int = 4096
     min_pixels: int | None = None
     max_pixels: int | None = None
-    max_num_seqs: int = 256
-    gpu_memory_utilization: float = 0.5
-    kv_cache_bytes: int | None = None  # needed on CPU vLLM (or VLLM_CPU_KVCACHE_SPACE)
-    enforce_eager: bool = False
-    hf_batch_size: int = 16
     seed: int = 0
     # sampling
     temperature: float = 1.0
@@ -36,13 +29,15 @@ class EngineSettings:
     max_tokens: int = 1024
 
     def __post_init__(self):
-        _one_of("backend", self.backend, ("vllm", "hf"))
-        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _positive("max_tokens", self.max_tokens)
+        super().__post_init__()
+        try:
+            _positive("max_tokens", self.max_tokens)
+        except ConfigError as exc:
+            raise ValueError(f"{type(self).__name__}.{exc}") from None
 
 
 @dataclass
-class PolicyConfig(EngineSettings):
+class PolicyConfig(LocalModel):
     template: str = "r1"  # the prompt a1 is sampled with (srpo_fast.data.prompts)
 
 
@@ -61,7 +56,7 @@ class TeacherConfig:
     temperature: float = 0.7
     max_tokens: int = 1024
     seed: int | None = None
-    local: EngineSettings = field(default_factory=EngineSettings)
+    local: LocalModel = field(default_factory=LocalModel)
 
     def __post_init__(self):
         _one_of("teacher.kind", self.kind, ("http", "local"))

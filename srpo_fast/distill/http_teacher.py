@@ -155,7 +155,7 @@ class HTTPTeacher:
                 raise _Retryable(f"http_{exc.code}", f"HTTP {exc.code}: {detail}",
                                  _retry_after(exc.headers.get("Retry-After"))) from None
             return TeacherFailure(f"http_{exc.code}", f"HTTP {exc.code}: {detail}")
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise _Retryable("timeout", f"no answer within {self.timeout_s} s ({exc})") from None
         except urllib.error.URLError as exc:
             kind = "timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "connection"

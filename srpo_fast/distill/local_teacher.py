@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from srpo_fast.rollout import InvalidRequestError, RolloutRequest, SamplingConfig
-from srpo_fast.rollout.prompts import too_long
+from srpo_fast.rollout.encoding import too_long
 
 from .prompts import local_image_part, teacher_messages
 from .types import ReflectionRequest, TeacherFailure, TeacherStats

@@ -10,28 +10,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from srpo_fast.data.prompts import build_messages
-from srpo_fast.rollout import (HFEngine, InvalidRequestError, RolloutEngineConfig, RolloutRequest, SamplingConfig,
-                               VLLMEngine)
-from srpo_fast.rollout.prompts import too_long
+from srpo_fast.rollout import InvalidRequestError, RolloutRequest, SamplingConfig, build_engine
+from srpo_fast.rollout.encoding import too_long
 
 from .assemble import Skip
-from .config import EngineSettings
+from .config import LocalModel
 
 
-def build_engine(settings: EngineSettings, max_images: int = 1):
-    """A VLLMEngine or HFEngine for `settings.model` (vLLM imported only for the vLLM backend)."""
+def local_engine(settings: LocalModel, max_images: int = 1):
+    """The engine (settings.engine) for `settings.model`, skipping prompts over its limit."""
     if not settings.model:
         raise ValueError("no model dir given for the engine")
-    config = RolloutEngineConfig(
-        model=settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
-        min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, max_images_per_prompt=max_images,
-        seed=settings.seed, max_num_seqs=settings.max_num_seqs,
-        gpu_memory_utilization=settings.gpu_memory_utilization, kv_cache_bytes=settings.kv_cache_bytes,
-        enforce_eager=settings.enforce_eager, hf_batch_size=settings.hf_batch_size, on_overlong_prompt="skip")
-    return (VLLMEngine if settings.backend == "vllm" else HFEngine)(config)
+    return build_engine(settings, settings.model, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+                        max_images_per_prompt=max_images, seed=settings.seed, on_overlong_prompt="skip")
 
 
-def sampling_from(settings: EngineSettings) -> SamplingConfig:
+def sampling_from(settings: LocalModel) -> SamplingConfig:
     return SamplingConfig(n=1, temperature=settings.temperature, top_p=settings.top_p,
                           max_tokens=settings.max_tokens, seed=settings.seed, logprobs=False)
 

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--kv-cache-bytes", type=int, default=None, help="vLLM KV cache size (set it on CPU)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV cache size in GiB (set it on CPU)")
+    kv.add_argument("--kv-cache-bytes", type=int, default=None, help="the same in bytes")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             engine=args.engine, template=args.template, max_tokens=args.max_tokens, temperature=args.temperature,
             top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
             max_model_len=args.max_model_len, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_gb=args.kv_cache_gb if args.kv_cache_bytes is None else args.kv_cache_bytes / (1 << 30),
+            gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srpo_fast.config import EngineSettings
 from srpo_fast.eval.analytics import summarize
 from srpo_fast.eval.benchmarks import EvalItem, RowError, get_benchmark
 from srpo_fast.eval.data import load_items
@@ -26,33 +27,31 @@ from srpo_fast.eval.report import write_report
 from srpo_fast.eval.scoring import score_items
 
 
-@dataclass
-class EvalSettings:
+@dataclass(kw_only=True)
+class EvalSettings(EngineSettings):
+    """One benchmark run. The engine settings (engine, dtype, max_model_len, kv_cache_gb, ...) are the shared
+    `EngineSettings`, with eval's defaults; batch_size also bounds the engine's sequences in flight."""
+
     model: str | Path
     benchmark: str
     data: str | Path
     out: str | Path
     limit: int | None = None
-    engine: str = "vllm"  # "vllm" | "hf"
     template: str = "srpo"  # "srpo" | "r1" (srpo_fast.data.prompts)
     max_tokens: int = 2048
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 32  # requests per generate call (and per results-file flush)
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.8
     min_pixels: int | None = None
     max_pixels: int | None = None
-    kv_cache_bytes: int | None = None  # vLLM: explicit KV cache size (needed on CPU)
-    gpu_memory_utilization: float = 0.8
-    enforce_eager: bool = False
     engine_options: dict[str, Any] = field(default_factory=dict)  # further RolloutEngineConfig fields
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         get_benchmark(self.benchmark)
-        if self.engine not in ("vllm", "hf"):
-            raise ValueError(f"engine must be 'vllm' or 'hf', got {self.engine!r}")
         from srpo_fast.data.prompts import SYSTEM_PROMPTS
 
         if self.template not in SYSTEM_PROMPTS:
@@ -101,22 +100,15 @@ _ENGINES: dict[tuple[str, str], Any] = {}
 
 
 def _build_engine(settings: EvalSettings, max_images: int):
-    import torch
+    from srpo_fast.rollout import build_engine, engine_config
 
-    from srpo_fast.rollout import HFEngine, RolloutEngineConfig, VLLMEngine
-
-    dtype = settings.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    options = dict(model=settings.model, dtype=dtype, max_model_len=settings.max_model_len,
-                   min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+    options = dict(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
                    max_images_per_prompt=max(1, max_images), seed=settings.seed, logprobs_mode="raw",
-                   kv_cache_bytes=settings.kv_cache_bytes, gpu_memory_utilization=settings.gpu_memory_utilization,
-                   enforce_eager=settings.enforce_eager, max_num_seqs=settings.batch_size,
-                   hf_batch_size=settings.batch_size)
+                   max_num_seqs=settings.batch_size, hf_batch_size=settings.batch_size)
     options.update(settings.engine_options)
-    config = RolloutEngineConfig(**options)
-    key = (settings.engine, repr(config))
+    key = (settings.engine, repr(engine_config(settings, settings.model, **options)))
     if key not in _ENGINES:
-        _ENGINES[key] = VLLMEngine(config) if settings.engine == "vllm" else HFEngine(config)
+        _ENGINES[key] = build_engine(settings, settings.model, **options)
     return _ENGINES[key]
 
 
@@ -125,7 +117,7 @@ def _generate(engine, items: Sequence[EvalItem], settings: EvalSettings, skip: C
     are skipped and counted, and the rest of the batch still runs."""
     from srpo_fast.data.prompts import build_messages
     from srpo_fast.rollout import InvalidRequestError, RolloutRequest, SamplingConfig
-    from srpo_fast.rollout.prompts import too_long
+    from srpo_fast.rollout.encoding import too_long
 
     batch: list[tuple[EvalItem, RolloutRequest]] = []
     for item in items:

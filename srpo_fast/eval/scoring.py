@@ -34,8 +34,8 @@ from srpo_fast.reward.parse import parse_response
 
 TAIL_CHARS = 500  # the free-text fallback: at most this much of the last line
 SHORT_ANSWER_CHARS = 40  # a lone option letter counts only in an answer this short
-SEARCH_CHARS = 4000
-MAX_VERIFY_CHARS = 2000  # free-form answers longer than this are judged by string equality alone  # "answer is (B)" is looked for in the last this-many characters
+SEARCH_CHARS = 4000  # "answer is (B)" is looked for in the last this-many characters
+MAX_VERIFY_CHARS = 2000  # free-form answers longer than this are judged by string equality alone
 _TAG_RE = re.compile(r"</?(?:think|answer|reflection)>")
 _ANSWER_IS_RE = re.compile(
     r"(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be))?\s*[:：]?\s*\(?([A-J])\)?(?![A-Za-z0-9])")

@@ -19,7 +19,8 @@ Averaging instead (FSDP's default, `gradient_reduction="mean"`) would need the l
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from typing import Literal
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

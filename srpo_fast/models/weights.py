@@ -18,7 +18,8 @@ import os
 import shutil
 import weakref
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.j
 # torch 2.13 renamed all_gather_into_tensor (now deprecated, with a warning per call) to all_gather_single; 2.11
 # has only the old name
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_NAME_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
+_NAME_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def _is_main() -> bool:
@@ -231,7 +232,7 @@ def _all_gather_dim0(values: list[DTensor], mesh, dtype: torch.dtype) -> list[to
         layout.append((total, slot_rows, per_row))
         total += slot_rows * per_row
     send = torch.empty(total, dtype=dtype, device=comm)
-    for value, (offset, _, per_row) in zip(values, layout):
+    for value, (offset, _, _) in zip(values, layout):
         local = value.to_local()
         send[offset:offset + local.numel()].copy_(local.reshape(-1), non_blocking=True)
     received = torch.empty(world * total, dtype=dtype, device=comm)  # gloo wants it flat: world x send's shape

@@ -1,5 +1,5 @@
-"""Reflection-aware rewards (shared/SRPO.md): response parsing, answer grading with hard timeouts, the SRPO
-presets composed as tensor ops, group advantages and a registry of reward functions.
+"""Reflection-aware rewards (docs/method.md): response parsing, answer grading with hard timeouts, the SRPO
+presets composed as tensor ops (or a "package.module:function" of your own), and group advantages.
 
 Names are resolved lazily so that the grader's worker processes, which import
 ``srpo_fast.reward.mv_worker``, do not pay for importing torch.
@@ -20,9 +20,6 @@ _EXPORTS = {
     "BatchGrades": "srpo_fast.reward.grade",
     "group_advantages": "srpo_fast.reward.advantages",
     "GroupAdvantages": "srpo_fast.reward.advantages",
-    "register_reward": "srpo_fast.reward.registry",
-    "get_reward": "srpo_fast.reward.registry",
-    "available_rewards": "srpo_fast.reward.registry",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -32,7 +29,6 @@ if TYPE_CHECKING:
     from srpo_fast.reward.config import RewardConfig
     from srpo_fast.reward.grade import BatchGrades, grade_batch
     from srpo_fast.reward.parse import ParsedResponse, parse_response
-    from srpo_fast.reward.registry import available_rewards, get_reward, register_reward
     from srpo_fast.reward.score import score_batch
     from srpo_fast.reward.srpo import RewardOutput
 

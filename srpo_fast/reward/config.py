@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 
-PRESET_ALIASES = {"paper": "srpo_paper", "official": "srpo_official"}
+# preset name -> the composition reward/srpo.py computes; any other preset is a "package.module:function"
+PRESETS = {"paper": "srpo_paper", "srpo_paper": "srpo_paper", "official": "srpo_official",
+           "srpo_official": "srpo_official", "r1": "r1"}
+FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 LENGTH_SHAPES = ("laplace", "gaussian")
 DEFAULT_LENGTH_SHAPE = {"srpo_paper": "laplace", "srpo_official": "gaussian"}
 
@@ -13,8 +17,8 @@ DEFAULT_LENGTH_SHAPE = {"srpo_paper": "laplace", "srpo_official": "gaussian"}
 class RewardConfig:
     """Which reward, which of its terms, and how answers are graded.
 
-    ``preset``: "paper" / "official" (the two SRPO compositions of shared/SRPO.md), "r1" (accuracy + format,
-    no reflection), any name registered with ``register_reward``, or "package.module:function".
+    ``preset``: "paper" / "official" (the two SRPO compositions of docs/method.md), "r1" (accuracy + format,
+    no reflection), or "package.module:function", a function taking score_batch's arguments (see score.py).
     Term switches turn single terms off for ablations: ``effectiveness=False`` (no I_eff), ``length=False``
     (no f_len), and plain GRPO = ``reflection_format=effectiveness=length=False``.
     """
@@ -35,7 +39,7 @@ class RewardConfig:
     rel_tol: float = 1e-6  # numbers equal within this relative tolerance ...
     precision: int | None = None  # ... or, when set, after rounding both to this many decimals
     choice_letters: str = "ABCDEFGHIJ"  # letters that name multiple-choice options, in option order
-    letter_fallback: bool = True  # official: W→W but A2 names only the gold's letter → 1.0 (shared/SRPO.md)
+    letter_fallback: bool = True  # official: W→W but A2 names only the gold's letter → 1.0 (docs/method.md)
     device: str | None = None  # where the reward tensors live; None: cpu (score_batch's device= overrides)
 
     def __post_init__(self) -> None:
@@ -45,13 +49,9 @@ class RewardConfig:
                 raise TypeError(f"RewardConfig.{f.name} must be a bool, got {value!r}")
         if not isinstance(self.preset, str) or not self.preset:
             raise ValueError(f"RewardConfig.preset must be a non-empty str, got {self.preset!r}")
-        from srpo_fast.reward.registry import is_known
-
-        if not is_known(self.resolved_preset):
-            from srpo_fast.reward.registry import available_rewards
-
-            raise ValueError(f"RewardConfig.preset: unknown reward {self.preset!r}; known: "
-                             f"{sorted(PRESET_ALIASES) + available_rewards()} or 'package.module:function'")
+        if self.preset not in PRESETS and not FUNCTION_PATH.match(self.preset):
+            raise ValueError(f"RewardConfig.preset: unknown reward {self.preset!r}; known: {sorted(PRESETS)} or "
+                             "'package.module:function'")
         for name in ("length_alpha", "target_ratio", "max_ratio", "grade_timeout_s", "rel_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -88,8 +88,8 @@ class RewardConfig:
 
     @property
     def resolved_preset(self) -> str:
-        """The registry name behind ``preset`` ("paper" → "srpo_paper")."""
-        return PRESET_ALIASES.get(self.preset, self.preset)
+        """The composition behind ``preset`` ("paper" → "srpo_paper"); a "module:function" preset as it is."""
+        return PRESETS.get(self.preset, self.preset)
 
     @property
     def resolved_length_shape(self) -> str:

@@ -1,5 +1,5 @@
 """Split an SRPO response into its blocks: ``<think>T1</think><answer>A1</answer><reflection>R</reflection>
-<think>T2</think><answer>A2</answer>`` (shared/SRPO.md).
+<think>T2</think><answer>A2</answer>`` (docs/method.md).
 
 One regex pass finds every tag (a literal alternation, so the scan is linear in the text: no backtracking on
 adversarial input), then two cheap passes over the tag events answer both readings the presets need:

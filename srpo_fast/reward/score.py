@@ -1,13 +1,36 @@
-"""score_batch: check the inputs, look the configured reward up by name, run it."""
+"""score_batch: check the inputs, then run the configured reward: a built-in preset (reward/srpo.py) or the
+function a "package.module:function" preset names. Such a function takes score_batch's arguments, checked, all
+but the first two as keywords, and returns a RewardOutput::
+
+    fn(responses, answers, *, config, count_tokens, count_tokens_batch, response_lengths, options, device)
+
+(accept ``**kwargs`` for the ones you ignore, so that arguments added later do not break your function).
+"""
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from srpo_fast.reward.config import RewardConfig
-from srpo_fast.reward.registry import get_reward
-from srpo_fast.reward.srpo import RewardOutput
+from srpo_fast.reward.config import PRESETS, RewardConfig
+from srpo_fast.reward.srpo import RewardOutput, score_preset
+
+
+def reward_function(preset: str) -> Callable[..., RewardOutput]:
+    """The reward behind a resolved preset name: a built-in composition, or a "module:function" import."""
+    if preset in PRESETS.values():
+        return functools.partial(score_preset, preset)
+    module_name, _, attr = preset.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward {preset!r}: cannot import module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {preset!r}: {module_name} has no callable {attr!r}")
+    return fn
 
 
 def _check_strings(name: str, values: Sequence[str]) -> None:
@@ -66,6 +89,6 @@ def score_batch(responses: Sequence[str], answers: Sequence[str], config: Reward
         for i, item in enumerate(options):
             if item is not None:
                 _check_strings(f"options[{i}]", item)
-    fn = get_reward(config.resolved_preset)
-    return fn(responses, answers, config=config, count_tokens=count_tokens, count_tokens_batch=count_tokens_batch,
-              response_lengths=response_lengths, options=options, device=device)
+    return reward_function(config.resolved_preset)(
+        responses, answers, config=config, count_tokens=count_tokens, count_tokens_batch=count_tokens_batch,
+        response_lengths=response_lengths, options=options, device=device)

@@ -1,4 +1,4 @@
-"""The SRPO rewards (shared/SRPO.md) and the R1-style baseline, composed as tensor ops on the target device.
+"""The SRPO rewards (docs/method.md) and the R1-style baseline, composed as tensor ops on the target device.
 
 Per response, Python only parses text and grades answers; the results become one [B, F] float tensor that is
 moved to the device once, and every term of every response is computed there with torch ops.
@@ -133,11 +133,13 @@ def compose(preset: str, cols: dict[str, torch.Tensor], config: RewardConfig) ->
     return {name: term if getattr(config, name) else zero for name, term in terms.items()}
 
 
-def _score(preset: str, responses: Sequence[str], answers: Sequence[str], *, config: RewardConfig,
-           count_tokens: Callable[[str], int] | None = None,
-           count_tokens_batch: Callable[[list[str]], Sequence[int]] | None = None,
-           response_lengths: Sequence[int] | None = None, options: Sequence[Sequence[str] | None] | None = None,
-           device: torch.device | str | None = None) -> RewardOutput:
+def score_preset(preset: str, responses: Sequence[str], answers: Sequence[str], *, config: RewardConfig,
+                 count_tokens: Callable[[str], int] | None = None,
+                 count_tokens_batch: Callable[[list[str]], Sequence[int]] | None = None,
+                 response_lengths: Sequence[int] | None = None,
+                 options: Sequence[Sequence[str] | None] | None = None,
+                 device: torch.device | str | None = None) -> RewardOutput:
+    """All terms of one built-in preset ("srpo_paper", "srpo_official", "r1") for a checked batch."""
     device = torch.device(device if device is not None else (config.device or "cpu"))
     n = len(responses)
     t0 = time.perf_counter()
@@ -189,15 +191,3 @@ def _score(preset: str, responses: Sequence[str], answers: Sequence[str], *, con
              "math_verify_s": st.math_verify_s, "grade_s": t2 - t1, "features_s": t3 - t2, "compose_s": t4 - t3}
     return RewardOutput(total=total, **terms, first_correct=cols["c1"] > 0, second_correct=cols["c2"] > 0,
                         has_reflection=cols["second"] > 0, timeouts=st.timeouts, crashes=st.crashes, stats=stats)
-
-
-def srpo_paper(responses, answers, *, config, **kwargs) -> RewardOutput:
-    return _score("srpo_paper", responses, answers, config=config, **kwargs)
-
-
-def srpo_official(responses, answers, *, config, **kwargs) -> RewardOutput:
-    return _score("srpo_official", responses, answers, config=config, **kwargs)
-
-
-def r1(responses, answers, *, config, **kwargs) -> RewardOutput:
-    return _score("r1", responses, answers, config=config, **kwargs)

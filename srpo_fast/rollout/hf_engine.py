@@ -1,6 +1,6 @@
 """HF `generate` fallback with the vLLM engine's protocol: for machines without vLLM, and as a reference.
 
-Batched, left-padded generation over the same prepared prompts (`prompts.py`), so prompt ids and image tensors are
+Batched, left-padded generation over the same prepared prompts (`encoding.py`), so prompt ids and image tensors are
 identical to the vLLM engine's. Log-probs follow the same convention: "processed" from the generation scores (after
 temperature, top-k/top-p and the blocked-token processors — greedy: T = 1), "raw" from the unprocessed logits.
 Responses are cut as vLLM cuts them: after the first EOS (kept), after the token that completes a stop string, or at
@@ -17,7 +17,7 @@ import torch
 from srpo_fast.models.processor import load_processor
 
 from .guards import flag_response, request_seed, tokenizer_size, vision_token_ids
-from .prompts import PreparedPrompt, PromptBuilder, prepare_batch
+from .encoding import PreparedPrompt, PromptBuilder, prepare_batch
 from .types import (OverlongPolicy, RolloutEngineConfig, RolloutRequest, Rollouts, RolloutSample, SamplingConfig,
                     WeightsInput, WeightSyncStats, logprobs_temperature)
 from .weights import copy_into_module, iter_weight_pairs, parameter_lookup

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -21,7 +21,7 @@ LogprobsMode = Literal["processed", "raw"]
 OverlongPolicy = Literal["error", "skip"]
 WeightPair = tuple[str, torch.Tensor]
 # What update_weights accepts: (name, tensor) pairs, or buckets (lists) of them; lists, tuples or lazy iterators.
-WeightsInput = Union[Iterable[WeightPair], Iterable[Sequence[WeightPair]]]
+WeightsInput = Iterable[WeightPair] | Iterable[Sequence[WeightPair]]
 
 
 class InvalidRequestError(ValueError):

@@ -4,7 +4,7 @@ Why in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set before vLLM is imported 
 in this process, so `collective_rpc` hands the worker our tensors by reference — a weight sync is a device copy,
 with no serialization, no IPC handles and no disk. It is also what lets each torchrun rank own one engine
 (`distributed_executor_backend="external_launcher"`, after `init_process_group`), and it avoids a second CUDA
-context per GPU. Side effects on the host process (shared/NOTES-platform.md): vLLM reseeds python/numpy/torch to its
+context per GPU. Side effects on the host process (docs/platform.md): vLLM reseeds python/numpy/torch to its
 seed (we save and restore the RNG states around construction), makes `torch.set_num_threads` a no-op on CPU and
 calls `gc.freeze()`; shutting an in-process engine down destroys the default process group, so keep the engine
 alive until the end of training. Several engines in one process share vLLM's global parallel state and some modules
@@ -44,7 +44,7 @@ import torch
 from srpo_fast.models.processor import load_processor
 
 from .guards import VISION_TOKENS, flag_response, request_seed, tokenizer_size, vision_token_ids
-from .prompts import PreparedPrompt, PromptBuilder, pixel_bounds, prepare_batch
+from .encoding import PreparedPrompt, PromptBuilder, pixel_bounds, prepare_batch
 from .types import (EngineFailure, OverlongPolicy, RolloutEngineConfig, RolloutRequest,
                     Rollouts, RolloutSample, SamplingConfig, WeightPair,
                     logprobs_temperature, WeightsInput, WeightSyncError,
@@ -156,7 +156,7 @@ class VLLMEngine:
                       gpu_memory_utilization=cfg.gpu_memory_utilization)
         if cfg.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_bytes)
-            # On CPU this variable overrides kv_cache_memory_bytes (NOTES): the explicit setting wins.
+            # On CPU this variable overrides kv_cache_memory_bytes (docs/platform.md): the explicit setting wins.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if torch.cuda.is_available() and cfg.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True

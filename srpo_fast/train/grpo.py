@@ -24,7 +24,7 @@ from srpo_fast.data.packing import MRopeIndexer
 from srpo_fast.kernels import grpo_loss
 from srpo_fast.models import is_vision_language, iter_full_weights, packed_token_logprobs
 from srpo_fast.models.processor import load_processor
-from srpo_fast.rollout import RolloutEngineConfig
+from srpo_fast.rollout import build_engine
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, rank, world_size
 from srpo_fast.utils.metrics import MetricSums
 from srpo_fast.utils.telemetry import PhaseTimer, gpu_sampler
@@ -39,33 +39,21 @@ LOSS_MEAN_KEYS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_me
                   "entropy_mean", "kl", "rollout_logprob_abs_diff")
 
 
-def engine_config(cfg: Config, model_path: Path) -> RolloutEngineConfig:
-    r = cfg.rollout
-    return RolloutEngineConfig(
-        model=model_path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-        max_prompt_tokens=cfg.data.max_prompt_tokens, on_overlong_prompt="skip",
-        min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, seed=cfg.train.seed + rank(),
-        max_images_per_prompt=cfg.data.max_images_per_prompt,
-        max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
-        kv_cache_bytes=None if r.kv_cache_gb is None else int(r.kv_cache_gb * (1 << 30)),
-        enforce_eager=r.enforce_eager)
+def rollout_dtype(cfg: Config) -> str:
+    """The dtype the engine holds the policy's weights in: model.dtype unless rollout.dtype says otherwise."""
+    return cfg.rollout.dtype or cfg.model.dtype
 
 
-def build_engine(cfg: Config, model_path: Path):
-    """The rollout engine for this rank: colocated vLLM, or the HF fallback (its own unsharded copy)."""
-    config = engine_config(cfg, model_path)
-    if cfg.rollout.engine == "hf":
-        from srpo_fast.rollout import HFEngine
-
-        return HFEngine(config)
-    from srpo_fast.rollout import VLLMEngine
-
-    return VLLMEngine(config)
+def engine_options(cfg: Config) -> dict:
+    """What the trainer adds to the `rollout` section's engine settings: its dtype, prompt limits, image bounds."""
+    return dict(dtype=rollout_dtype(cfg), max_prompt_tokens=cfg.data.max_prompt_tokens,
+                on_overlong_prompt="skip", min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                seed=cfg.train.seed + rank(), max_images_per_prompt=cfg.data.max_images_per_prompt)
 
 
 def sync_weights(run: Run, engine) -> dict[str, float]:
     """Stream the policy's trainable weights into the engine (collective: every rank gathers every bucket)."""
-    dtype = getattr(torch, run.cfg.model.dtype)
+    dtype = getattr(torch, rollout_dtype(run.cfg))
     buckets = iter_full_weights(run.model, bucket_bytes=run.cfg.rollout.sync_bucket_mb << 20, only_trainable=True,
                                 dtype=dtype)
     stats = engine.update_weights(buckets)
@@ -168,7 +156,7 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
     def count_tokens_batch(texts: list[str]) -> list[int]:  # the length term counts tokens, not words
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    engine = build_engine(cfg, run.model_path)
+    engine = build_engine(cfg.rollout, run.model_path, **engine_options(cfg))
     if run.start_step > 0:  # resumed: the engine started from the base weights
         sync_weights(run, engine)
     rope_index = MRopeIndexer(run.model) if is_vision_language(run.model) else None

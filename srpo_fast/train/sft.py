@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning on the reflection cold-start data (SRPO.md, stage 1).
+"""Stage 1: supervised fine-tuning on the reflection cold-start data (docs/method.md, stage 1).
 
 Each record (EasyR1 schema plus `response`, as `python -m srpo_fast.distill` writes it) is trained as
 prompt = the srpo chat template over `problem` and its images, target = `response` + `<|im_end|>`. The loss is
@@ -21,7 +21,7 @@ from srpo_fast.data.records import open_images
 from srpo_fast.models import is_vision_language, packed_token_logprobs
 from srpo_fast.models.processor import load_processor
 from srpo_fast.rollout import InvalidRequestError, RolloutRequest
-from srpo_fast.rollout.prompts import PromptBuilder
+from srpo_fast.rollout.encoding import PromptBuilder
 from srpo_fast.utils.distributed import all_reduce_dict, is_main, world_size
 
 from .batches import StepItems, TrainItem, plan_mini_batch, share_items

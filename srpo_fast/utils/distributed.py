@@ -10,7 +10,8 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Mapping
+from typing import Literal
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -77,7 +77,7 @@ class GpuSampler:
                     self._readers.pop(field, None)
         return out
 
-    def start(self) -> "GpuSampler":
+    def start(self) -> GpuSampler:
         self._thread.start()
         return self
 

@@ -420,7 +420,8 @@ def linear_sass_model(kind: str, rec: dict, n: int, hdim: int, vocab: int) -> di
 
     The K-loop is the innermost SASS loop (no MUFU in it); for the forward the vocab-tile loop is the smallest
     loop holding MUFU (ex2), and its body minus the K-loop is the softmax epilogue of one tile. Per program:
-    fwd = tiles x (K steps x K-loop + epilogue) + the rest once; dz = K steps x K-loop + the rest (epilogue, stores) once. With one CTA per SM
+    fwd = tiles x (K steps x K-loop + epilogue) + the rest once; dz = K steps x K-loop + the rest (epilogue,
+    stores) once. With one CTA per SM
     the epilogue cannot overlap another CTA's tensor-core work, so it adds to the GEMM time (``expected``)."""
     from srpo_fast.kernels.linear_logprobs import num_splits
 

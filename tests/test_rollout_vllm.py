@@ -345,6 +345,37 @@ def test_engine_start_keeps_rng_and_a_failed_lazy_sync_disables_it(dirs, spare_e
         engine.generate(text_requests(), GREEDY)
 
 
+def test_sleep_mode_one_engine_wake_order_and_level_two_needs_a_full_sync(engines, dirs, spare_engine):
+    """The contract a GPU enforces, kept on CPU too: one sleeping engine per process (vLLM's CuMem pool), no
+    generation until both weights and KV cache are awake, and after a level-2 sleep only a sync of every weight."""
+    engine = spare_engine["vl_sleep"] = VLLMEngine(engine_config(dirs["vl"], logprobs_mode="raw",
+                                                                 enable_sleep_mode=True, **VL_PIXELS))
+    with pytest.raises(RuntimeError, match="one sleeping engine per process"):
+        VLLMEngine(engine_config(dirs["text"], enable_sleep_mode=True))
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(vl_requests(), GREEDY)
+    engine.wake_up(["weights"])
+    with pytest.raises(RuntimeError, match=r"asleep \(\['kv_cache'\]\)"):
+        engine.generate(vl_requests(), GREEDY)
+    engine.wake_up(["kv_cache"])
+    assert_same_outputs(outputs(engine.generate(vl_requests(), GREEDY)),
+                        outputs(engines["vl"].generate(vl_requests(), GREEDY)))
+
+    new = hf_pairs(dirs["vl_b"], vl=True)
+    trainable_only = [(n, t) for n, t in new if not n.startswith("model.visual.")]
+    engine.sleep(level=2)
+    engine.wake_up(["weights"])
+    with pytest.raises(WeightSyncError, match="level-2 sleep discarded"):
+        engine.update_weights(trainable_only)  # refused before anything is loaded
+    engine.wake_up(["kv_cache"])
+    with pytest.raises(RuntimeError, match="level-2 sleep discarded"):
+        engine.generate(vl_requests(), GREEDY)
+    engine.update_weights(iter(new))  # a lazy stream of every weight: checked once consumed
+    assert_same_outputs(outputs(engine.generate(vl_requests(), GREEDY)),
+                        outputs(engines["vl_b"].generate(vl_requests(), GREEDY)), atol=3e-4)
+
+
 @pytest.mark.parametrize("kind", ["text", "vl"])
 def test_hf_fallback_matches_vllm(engines, dirs, kind):
     requests = vl_requests() if kind == "vl" else text_requests()

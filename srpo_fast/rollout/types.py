@@ -72,8 +72,10 @@ class RolloutEngineConfig:
     kv_cache_bytes: int | None = None
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
-    enable_sleep_mode: bool = True  # GPU only; ignored on CPU, where sleep/wake are no-ops
-    tensor_parallel_size: int = 1
+    # vLLM's sleep mode puts the weights in its process-wide CuMem pool, which holds ONE engine per process: only the
+    # trainer's engine turns it on (docs/gpu.md). On CPU sleep/wake free nothing but keep the same bookkeeping.
+    enable_sleep_mode: bool = False
+    tensor_parallel_size: int = 1  # only 1: each torchrun rank owns one whole engine
     sync_method: Literal["auto", "reload", "direct"] = "auto"
     # HF fallback only
     hf_batch_size: int = 16
@@ -91,6 +93,10 @@ class RolloutEngineConfig:
             raise ValueError(f"max_prompt_tokens must be in [1, max_model_len), got {self.max_prompt_tokens}")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1, got {self.tensor_parallel_size}: each training rank "
+                             "runs one whole colocated engine (vLLM's tensor parallelism needs identical prompts and "
+                             "seeds on every rank of a group, which data-parallel rollouts do not have)")
 
     @property
     def prompt_limit(self) -> int:

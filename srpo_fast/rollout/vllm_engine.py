@@ -29,6 +29,12 @@ model, then resets the prefix, multimodal and encoder caches.
   "auto"    direct on CUDA for unquantized models, reload otherwise.
 One update call streams everything through ONE reload (not one per bucket): a reload call per bucket would rebuild
 any fused layer a bucket boundary splits from half its inputs.
+
+Sleep mode (`enable_sleep_mode`, the trainer's engine only; docs/gpu.md): `sleep()` frees the KV cache and moves the
+weights to host memory (level 1) or drops them (level 2) while the trainer runs. ONE such engine per process: vLLM
+keeps the weights in a process-wide CuMem pool and asserts when a second sleeping engine loads, so building a second
+one raises here first. After level 2 only a sync that carries every weight is accepted (a trainable-only sync would
+leave the frozen vision tower as garbage, vLLM #29341). Wake order: "weights" → sync → "kv_cache".
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import contextlib
 import os
 import random
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -50,7 +57,7 @@ from .types import (EngineFailure, OverlongPolicy, RolloutEngineConfig, RolloutR
                     logprobs_temperature, WeightsInput, WeightSyncError,
                     WeightSyncStats)
 from .weights import (check_fused_groups, check_known_names, checkpoint_weight_names, is_materialized,
-                      iter_weight_pairs)
+                      iter_weight_pairs, name_variants)
 
 _LOGPROBS_MODES = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 
@@ -125,6 +132,22 @@ def _worker_load_weights_direct(worker, weights: Iterable[WeightPair]) -> None:
     runner.reset_mm_cache()
 
 
+_SLEEP_MODE_OWNER: "weakref.ref[VLLMEngine] | None" = None
+
+
+def _claim_sleep_mode(engine: "VLLMEngine") -> None:
+    """One engine with sleep mode per process: vLLM puts its weights in the process-wide CuMem pool and asserts
+    ("CuMem allocator can only be used for one instance per process") when a second one loads. Checked on every
+    device, before anything starts, so CPU runs catch what would crash on a GPU."""
+    global _SLEEP_MODE_OWNER
+    owner = _SLEEP_MODE_OWNER() if _SLEEP_MODE_OWNER is not None else None
+    if owner is not None and owner is not engine and not owner._shut_down:
+        raise RuntimeError(f"an engine with enable_sleep_mode=True already lives in this process ({owner.config.model}"
+                           "); vLLM allows one sleeping engine per process: build this one with "
+                           "enable_sleep_mode=False, or shut the other down first (docs/gpu.md)")
+    _SLEEP_MODE_OWNER = weakref.ref(engine)
+
+
 class VLLMEngine:
     """Rollouts from a colocated vLLM engine. See the module docstring for log-prob modes and weight sync."""
 
@@ -138,6 +161,10 @@ class VLLMEngine:
         self._bad_words, self._blocked_bias = self._blocking_rules()
         self._asleep: set[str] = set()
         self._broken: str | None = None
+        self._weights_discarded = False  # a level-2 sleep dropped them: only a full sync brings them back
+        self._shut_down = False
+        if config.enable_sleep_mode:
+            _claim_sleep_mode(self)
         self.llm = self._start()
         self.on_gpu = self.llm.llm_engine.vllm_config.device_config.device.type == "cuda"
         self.can_sleep = self.on_gpu and config.enable_sleep_mode
@@ -212,6 +239,9 @@ class VLLMEngine:
                  on_overlong_prompt: OverlongPolicy | None = None) -> Rollouts:
         """Sample `sampling.n` responses per request; see `Rollouts`."""
         self._check_usable(need={"weights", "kv_cache"})
+        if self._weights_discarded:
+            raise RuntimeError("a level-2 sleep discarded this engine's weights: sync the full state "
+                               "(update_weights with every weight) before generating")
         prepared, skipped = prepare_batch(self.prompts, requests, on_overlong_prompt or self.config.on_overlong_prompt,
                                           self.config.prompt_limit)
         inputs = [self._engine_input(p) for p in prepared]
@@ -295,6 +325,7 @@ class VLLMEngine:
             check_known_names(names, known)
             if check_groups:
                 check_fused_groups(names, self.packed_modules_mapping)
+            self._check_covers_discarded(names)
             check_groups, known = False, None
         stream = _TrackedStream(iter_weight_pairs(weights), known,
                                 self.packed_modules_mapping if check_groups else None)
@@ -311,6 +342,13 @@ class VLLMEngine:
             if isinstance(exc, (WeightSyncError, TypeError)):
                 raise
             raise WeightSyncError(f"weight sync failed: {type(exc).__name__}: {exc}") from exc
+        if self._weights_discarded:  # a lazy stream is only known once consumed
+            try:
+                self._check_covers_discarded(stream.names)
+            except WeightSyncError as exc:
+                self._broken = str(exc)
+                raise
+            self._weights_discarded = False
         self._reset_caches()
         if self.on_gpu:
             torch.cuda.synchronize()
@@ -325,29 +363,48 @@ class VLLMEngine:
             self.llm.llm_engine.reset_encoder_cache()
 
     # ---- memory ---------------------------------------------------------------------------------------------------
-    def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (and offload, level 1, or drop, level 2, the weights) for training. No-op on CPU and
-        without enable_sleep_mode.
+    def _check_covers_discarded(self, names: Sequence[str]) -> None:
+        """After a level-2 sleep every weight is garbage until synced: a partial sync (e.g. trainable weights only,
+        vision tower frozen) would leave the rest as garbage, silently (vLLM #29341)."""
+        if not self._weights_discarded:
+            return
+        missing = sorted(self.weight_names - {variant for name in names for variant in name_variants(name)})
+        if missing:
+            raise WeightSyncError(f"a level-2 sleep discarded the engine's weights, so a sync must carry all of them; "
+                                  f"{len(missing)} are missing (e.g. {missing[:3]}): sync the full state, or sleep "
+                                  "at level 1 for partial syncs")
 
-        Level 2 is for full syncs only: the weights are gone, so wake with tags=["weights"], update all weights,
-        then wake ["kv_cache"]. Partial syncs (frozen vision tower) need level 1."""
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and offload (level 1) or drop (level 2) the weights, for training. Without
+        enable_sleep_mode a no-op. On CPU nothing is freed, but the state is kept as on a GPU (generate refuses while
+        asleep), so CPU runs check the call order a GPU needs.
+
+        Level 2 is for full syncs only: wake ["weights"], update ALL weights (a partial update is refused), then
+        wake ["kv_cache"]. Partial syncs (a frozen vision tower) need level 1."""
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
-        if not self.can_sleep or self._asleep:
+        if not self.config.enable_sleep_mode or self._asleep:
             return
-        self.llm.reset_prefix_cache()
-        self.llm.sleep(level=level)
+        if level == 2 and self.weight_names is None:
+            raise ValueError(f"level 2 needs the checkpoint's weight names to check the full sync after it, and "
+                             f"{self.config.model} has no safetensors files: use level 1")
+        if self.can_sleep:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=level)
         self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = self._weights_discarded or level == 2
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        """Reallocate `tags` (default: everything). No-op when not asleep (always on CPU)."""
+        """Reallocate `tags` (default: everything). No-op when not asleep. The trainer wakes "weights", syncs, then
+        wakes "kv_cache", so the KV cache is not allocated while the sync's buffers are."""
         wanted = set(tags) if tags is not None else {"weights", "kv_cache"}
         unknown = wanted - {"weights", "kv_cache"}
         if unknown:
             raise ValueError(f"tags must be among 'weights', 'kv_cache', got {sorted(unknown)}")
         if not wanted & self._asleep:
             return
-        self.llm.wake_up(tags=sorted(wanted & self._asleep))
+        if self.can_sleep:
+            self.llm.wake_up(tags=sorted(wanted & self._asleep))
         self._asleep -= wanted
 
     def _check_usable(self, need: set[str]) -> None:
@@ -361,4 +418,5 @@ class VLLMEngine:
         """Stop the engine core. In-process this also tears down torch.distributed's default group (vLLM cleanup):
         call it only at the very end."""
         self.llm.llm_engine.engine_core.shutdown()
+        self._shut_down = True
 

@@ -147,7 +147,7 @@ def check_fused_groups(names: Iterable[str], packed_modules_mapping: Mapping[str
 _LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def _name_variants(name: str) -> list[str]:
+def name_variants(name: str) -> list[str]:
     """The same Qwen-VL parameter under both prefixes."""
     for new, old in _LEGACY_PREFIXES:
         if name.startswith(new):
@@ -172,7 +172,7 @@ def checkpoint_weight_names(model_dir: str | Path) -> set[str] | None:
         with safe_open(str(file), framework="pt") as handle:
             names.update(handle.keys())
     if any(n.startswith(("visual.", "model.visual.")) for n in names):
-        names = {variant for n in names for variant in _name_variants(n)}
+        names = {variant for n in names for variant in name_variants(n)}
     return names
 
 

@@ -45,10 +45,12 @@ def rollout_dtype(cfg: Config) -> str:
 
 
 def engine_options(cfg: Config) -> dict:
-    """What the trainer adds to the `rollout` section's engine settings: its dtype, prompt limits, image bounds."""
+    """What the trainer adds to the `rollout` section's engine settings: its dtype, prompt limits, image bounds,
+    sleep mode."""
     return dict(dtype=rollout_dtype(cfg), max_prompt_tokens=cfg.data.max_prompt_tokens,
                 on_overlong_prompt="skip", min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                seed=cfg.train.seed + rank(), max_images_per_prompt=cfg.data.max_images_per_prompt)
+                seed=cfg.train.seed + rank(), max_images_per_prompt=cfg.data.max_images_per_prompt,
+                enable_sleep_mode=True)  # the one sleeping engine of this process (docs/gpu.md)
 
 
 def sync_weights(run: Run, engine) -> dict[str, float]:
@@ -170,15 +172,17 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
         timer = PhaseTimer(gpu_sampler(run.device))
         start = time.perf_counter()
         experience = collect_experience(cfg, engine, records, order, step, count_tokens_batch, timer)
-        engine.sleep()
+        with timer("sleep"):  # frees the KV cache and moves the engine's weights off the GPU for training
+            engine.sleep()
         with timer("train"):
             items = share_items(experience.items)
             run.model.train()
             metrics = policy_update(cfg, run, items, rope_index, ref_model) if len(items) else {}
-        with timer("sync"):
-            engine.wake_up()
+        with timer("sync"):  # weights first, KV cache last: never the KV cache beside the sync's buffers
+            engine.wake_up(["weights"])
             if len(items):
                 metrics.update(sync_weights(run, engine))
+            engine.wake_up(["kv_cache"])
         if val_records and (step % cfg.train.val_every == 0 or step == total):
             with timer("validate"):
                 metrics.update(validate(cfg, engine, val_records, count_tokens_batch))

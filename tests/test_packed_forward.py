@@ -397,3 +397,31 @@ def test_packed_forward_under_fsdp2_two_ranks(tiny_kit, tmp_path):
         assert result[phase]["names_equal"] and result[phase]["merger_grads"], result
         assert result[phase]["max_diff"] <= 1e-6, result
     assert result["hidden_backward_ok"]
+
+
+@pytest.mark.gpu
+def test_vision_sync_on_a_text_batch_under_cpu_offload_cuda(model_dirs):
+    """FSDP2 CPU offload keeps the vision tower's sharded parameters on the CPU while it runs on the GPU: the dummy
+    image must be built on the embeddings' device, or a text-only micro-batch of a VL run fails with a device
+    mismatch."""
+    import torch.distributed as dist
+
+    from srpo_fast.models import shard_model
+    from srpo_fast.utils import distributed as du
+
+    created = not dist.is_initialized()
+    du.init_distributed()
+    try:
+        model = shard_model(load_policy(model_dirs["qwen2_5_vl"], dtype=torch.float32, freeze_vision=False),
+                            param_dtype=torch.bfloat16, cpu_offload=True)
+        assert model.model.visual.patch_embed.proj.weight.device.type == "cpu"
+        batch = pack_samples(text_samples(torch.Generator().manual_seed(0)),
+                             rope_index=MRopeIndexer(model)).to(torch.device("cuda"))
+        logp = packed_token_logprobs(model, batch, sync_vision=True)
+        logp.sum().backward()
+        assert logp.device.type == "cuda" and torch.isfinite(logp).all()
+        grad = model.model.visual.patch_embed.proj.weight.grad
+        assert grad is not None and grad.to_local().abs().max().item() == 0.0  # reached, with zero gradient
+    finally:
+        if created:
+            du.cleanup()

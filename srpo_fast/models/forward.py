@@ -53,11 +53,13 @@ def _check_model_fits(model: nn.Module, batch: PackedBatch) -> None:
         raise ValueError("the batch has images but the model is text-only")
 
 
-def _dummy_image_zero(tower: nn.Module) -> torch.Tensor:
-    """0 * sum(tower(one-token dummy image)): a zero that depends on every vision parameter."""
+def _dummy_image_zero(tower: nn.Module, device: torch.device) -> torch.Tensor:
+    """0 * sum(tower(one-token dummy image)): a zero that depends on every vision parameter.
+
+    device: where the forward computes (the embeddings' device). Not the parameter's: under FSDP2 CPU offload the
+    sharded parameter lives on the CPU while the tower runs on the GPU."""
     proj = tower.patch_embed.proj
     merge = int(tower.spatial_merge_size)
-    device = proj.weight.device
     grid = torch.tensor([[1, merge, merge]], device=device)
     pixels = torch.zeros(merge * merge, proj.in_channels * math.prod(proj.kernel_size), device=device,
                          dtype=proj.weight.dtype)
@@ -100,8 +102,8 @@ def _run_packed(model: nn.Module, batch: PackedBatch, sync_vision: bool | None,
         tower = inner.visual
 
         def add_zero(module, args, kwargs):
-            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + _dummy_image_zero(tower).to(
-                kwargs["inputs_embeds"].dtype)
+            embeds = kwargs["inputs_embeds"]
+            kwargs["inputs_embeds"] = embeds + _dummy_image_zero(tower, embeds.device).to(embeds.dtype)
             return args, kwargs
 
         handles.append(inner.language_model.register_forward_pre_hook(add_zero, with_kwargs=True))

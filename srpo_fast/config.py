@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # a local HF dir, or "tiny": the offline tiny kit built under train.output_dir/../tiny_kit
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    # compute dtype, also the rollout engine's, the KL reference's and the exported model's (master weights stay
+    # fp32): auto = bfloat16 where CUDA is available, else float32 (resolved when the config is built)
+    dtype: str = "auto"
     attn_implementation: str = "srpo_varlen"
     freeze_vision: bool = True  # SRPO freezes the vision tower in both stages
     freeze_projector: bool = False
@@ -35,7 +37,11 @@ class ModelConfig:
     max_pixels: int | None = None
 
     def __post_init__(self):
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.dtype == "auto":
+            import torch
+
+            self.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """models/attention.py + models/forward.py: varlen attention vs SDPA, and packed rows vs each sequence alone
 (transformers' own SDPA path) for Qwen2, Qwen2.5-VL and Qwen2-VL — logits, log-probs, entropies and gradients of
 every parameter; no [L, L] mask and no [L, V] logits for a packed row; the vision sync and dummy micro-batches."""
+import math
 import sys
 from pathlib import Path
 
@@ -116,10 +117,10 @@ def test_backend_choice(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_cuda_varlen_backends_match_segments(backend, monkeypatch):
-    import importlib.util
+    from srpo_fast.models.attention import has_flash_attn
 
-    if backend == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("flash-attn not installed")
+    if backend == "flash_attn" and not has_flash_attn():
+        pytest.skip("flash-attn 2 not installed")
     gen = torch.Generator(device="cuda").manual_seed(0)
     lens = [300, 17, 1, 700]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -425,3 +426,53 @@ def test_vision_sync_on_a_text_batch_under_cpu_offload_cuda(model_dirs):
     finally:
         if created:
             du.cleanup()
+
+
+def test_flash_attn_detection_ignores_the_flash_attn_4_package(tmp_path, monkeypatch):
+    """flash-attn-4 installs only the namespace package flash_attn.cute (another API): find_spec("flash_attn")
+    finds it, but the packed path must not pick flash_attn for it."""
+    import importlib.util
+
+    from srpo_fast.models.attention import has_flash_attn
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)  # the layout flash-attn-4's wheel installs
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("def flash_attn_varlen_func(*a, **k):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    has_flash_attn.cache_clear()
+    try:
+        assert importlib.util.find_spec("flash_attn") is not None
+        assert not has_flash_attn()
+        assert varlen_backend(torch.device("cpu"), torch.bfloat16) == "sdpa_segments"
+    finally:
+        has_flash_attn.cache_clear()
+        for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+            sys.modules.pop(name)
+
+
+def test_vision_tower_varlen_attention_equals_sdpa(model_dirs, monkeypatch):
+    """use_varlen_vision_attention: the tower's attention gets each layer's cu_seqlens in one call (windows and
+    images as segments) instead of transformers' per-window split, with the same output."""
+    from srpo_fast.models import attention
+    from srpo_fast.models.attention import use_varlen_vision_attention
+
+    varlen = load_policy(model_dirs["qwen2_5_vl"], dtype=torch.float64)
+    sdpa = load_policy(model_dirs["qwen2_5_vl"], dtype=torch.float64)
+    assert use_varlen_vision_attention(varlen) and not use_varlen_vision_attention(
+        load_policy(model_dirs["qwen2"], dtype=torch.float64))
+    segments = []
+    real = attention._segments_sdpa
+    monkeypatch.setattr(attention, "_segments_sdpa", lambda q, k, v, cu, *a: segments.append(cu.numel() - 1) or
+                        real(q, k, v, cu, *a))
+    grid = torch.tensor([[1, 8, 12], [1, 4, 4]])
+    proj = varlen.model.visual.patch_embed.proj
+    pixels = torch.randn(int(grid.prod(-1).sum()), proj.in_channels * math.prod(proj.kernel_size),
+                         generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outs = []
+    for model in (varlen, sdpa):
+        out = model.model.visual(pixels, grid_thw=grid)
+        outs.append(getattr(out, "pooler_output", out))
+    assert len(segments) == varlen.config.vision_config.depth  # one call per block, not one per window
+    assert max(segments) > 2  # the windowed block saw its windows as segments
+    close(outs[0], outs[1], torch.float64, "vision tower output")

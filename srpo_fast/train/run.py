@@ -20,6 +20,7 @@ from torch import nn
 
 from srpo_fast.config import Config, config_to_dict, save_config
 from srpo_fast.models import build_lr_scheduler, build_optimizer, clip_grad_norm, load_policy, shard_model
+from srpo_fast.models.sharded_loading import load_sharded_policy
 from srpo_fast.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from srpo_fast.utils.distributed import (all_reduce_dict, barrier, default_device, is_main, rank, seed_everything,
                                          world_size)
@@ -172,19 +173,26 @@ def plan_run(cfg: Config, order: DataOrder, *, samples_per_step: int, optimizer_
 def build_policy(cfg: Config, model_path: Path, *, trainable: bool = True) -> nn.Module:
     """The policy: fp32 master weights sharded with FSDP2, computing in model.dtype (bf16 on GPU runs), SUM-reduced
     gradients (the losses are normalized by global counts), parts frozen by config. trainable=False: an entirely
-    frozen copy in eval mode (the KL reference)."""
-    model = load_policy(model_path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
-                        freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector,
-                        gradient_checkpointing=trainable and cfg.model.gradient_checkpointing,
-                        trust_remote_code=cfg.model.trust_remote_code)
+    frozen copy in eval mode, stored in the compute dtype (the KL reference: no optimizer, so no fp32 master).
+
+    Each rank reads only its own shards (models/sharded_loading.py): host memory per rank is ~1/world of the model.
+    trust_remote_code models load whole on every rank, then shard."""
+    compute = getattr(torch, cfg.model.dtype)
+    stored = torch.float32 if trainable else compute
+    param_dtype = None if compute == stored else compute
+    options = dict(attn_implementation=cfg.model.attn_implementation, freeze_vision=cfg.model.freeze_vision,
+                   freeze_projector=cfg.model.freeze_projector,
+                   gradient_checkpointing=trainable and cfg.model.gradient_checkpointing)
+    if cfg.model.trust_remote_code:
+        model = shard_model(load_policy(model_path, dtype=stored, trust_remote_code=True, **options),
+                            param_dtype=param_dtype, cpu_offload=cfg.train.cpu_offload)
+    else:
+        model = load_sharded_policy(model_path, dtype=stored, param_dtype=param_dtype,
+                                    cpu_offload=cfg.train.cpu_offload, **options)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
-    # loaded on the CPU: fully_shard moves each unit to the mesh's device as it shards it, so a GPU never holds
-    # more than one unit unsharded (a 32B model in fp32 would not fit whole)
-    compute = getattr(torch, cfg.model.dtype)
-    return shard_model(model, param_dtype=None if compute == torch.float32 else compute,
-                       cpu_offload=cfg.train.cpu_offload)
+    return model
 
 
 class StopSignal:
@@ -282,7 +290,7 @@ class Run:
             from srpo_fast.models import export_hf_safetensors
 
             export_hf_safetensors(self.model, self.out_dir / FINAL_MODEL, processor=processor,
-                                  assets_from=self.model_path)
+                                  assets_from=self.model_path, dtype=getattr(torch, self.cfg.model.dtype))
         self.logger.close()
         if self.stop_signal is not None:
             self.stop_signal.restore()

@@ -12,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist.launch import torchrun  # noqa: E402
 
+from srpo_fast.train.memory import model_facts_from_dir, parameter_bytes  # noqa: E402
+
 WORKER = Path(__file__).resolve().parent / "dist" / "load_worker.py"
 
 
@@ -53,12 +55,14 @@ def run_mode(model_dir: Path, mode: str, out: Path) -> list[dict]:
 def test_sharded_load_is_bit_identical_and_host_peak_falls_with_world_size(wide_vl, tmp_path):
     model_dir, model_bytes = wide_vl
     assert model_bytes > 100e6
+    facts = model_facts_from_dir(model_dir)
     old = run_mode(model_dir, "old", tmp_path)
     new = run_mode(model_dir, "new", tmp_path)
     for rank in range(2):
         assert new[rank]["hashes"] == old[rank]["hashes"]  # every shard: same dtype, shape and bytes
         assert new[rank]["buffers"] == old[rank]["buffers"]
         assert new[rank]["local_param_bytes"] == pytest.approx(model_bytes / 2, rel=0.05)
+        assert new[rank]["local_param_bytes"] == parameter_bytes(facts, world=2, rank=rank)  # the plan is exact
     old_peak = max(r["peak_delta_bytes"] for r in old)
     new_peak = max(r["peak_delta_bytes"] for r in new)
     print(f"host peak per rank while loading a {model_bytes / 1e6:.0f} MB fp32 model on 2 ranks: whole-model path "

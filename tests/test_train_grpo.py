@@ -52,7 +52,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_kit, tmp_path):
     b = load_file(resumed / "final_model" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {t.dtype for t in a.values()} == {torch.float32}  # exported in model.dtype (the demo config's float32)
     rows_a, rows_b = metrics(straight), metrics(resumed)
+    assert all(f"timing/{phase}_s" in rows_a[0] for phase in ("rollout", "reward", "sleep", "train", "sync"))
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3]
     for key in ("reward/total", "loss/pg_loss", "loss/grad_norm", "response/length_mean", "loss/entropy_mean"):
         assert rows_a[2][key] == rows_b[2][key], key

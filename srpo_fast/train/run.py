@@ -317,6 +317,10 @@ def start_run(cfg: Config, plan: TrainPlan) -> Run:
     seed_everything(cfg.train.seed)  # identical init and data order everywhere; sampling seeds differ per rank
     model_path = resolve_model_path(cfg)
     device = default_device()
+    if is_main():  # before minutes of loading: say which phase will not fit the GPU (docs/gpu.md)
+        from .memory import plan_for_run, warn_if_unfit
+
+        warn_if_unfit(plan_for_run(cfg, model_path, world_size()))
     model = build_policy(cfg, model_path)
     optimizer = build_optimizer(model, cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
                                 weight_decay=cfg.train.weight_decay, impl=cfg.train.offload_optimizer)

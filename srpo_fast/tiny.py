@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -160,6 +161,34 @@ def build_vl_model(out_dir: str | Path, seed: int = 0, tokenizer=None) -> Path:
                                          chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
     _write_vllm_processor_hints(out)
+    return out
+
+
+def build_widened_vl_model(tiny_vl: str | Path, out_dir: str | Path, *, hidden: int, intermediate: int, layers: int,
+                           heads: int, kv_heads: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """The tiny kit's Qwen2.5-VL with a wider/deeper language model (random weights, stored in `dtype` as released
+    checkpoints are), the kit's tokenizer, processor and small vision tower: a model whose weights dominate memory,
+    or whose layers have a real model's shapes, without any download. Returns out_dir."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out_dir)
+    config = AutoConfig.from_pretrained(tiny_vl, local_files_only=True)
+    text = config.text_config
+    head_dim = hidden // heads
+    if head_dim % 8:
+        raise ValueError(f"head dim {head_dim} must be a multiple of 8 (M-RoPE sections)")
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, intermediate, layers
+    text.num_attention_heads, text.num_key_value_heads = heads, kv_heads
+    text.layer_types = ["full_attention"] * layers
+    half = head_dim // 2  # Qwen2.5-VL's split of the rotary half-dim over (time, height, width): 1/4, 3/8, 3/8
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
+    config.vision_config.out_hidden_size = hidden
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.to(dtype).save_pretrained(out)
+    for item in Path(tiny_vl).iterdir():
+        if item.is_file() and not item.name.startswith(("model", "config.json")):
+            shutil.copy2(item, out / item.name)
     return out
 
 

@@ -2,7 +2,6 @@
 from safetensors is bit-identical to loading the whole model and sharding it, and its host-memory peak per rank falls
 about world-size-fold (2 ranks, gloo, a ~140 MB fp32 model whose weights dominate)."""
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,32 +16,16 @@ from srpo_fast.train.memory import model_facts_from_dir, parameter_bytes  # noqa
 WORKER = Path(__file__).resolve().parent / "dist" / "load_worker.py"
 
 
-def build_wide_vl(tiny_vl: Path, out: Path) -> int:
-    """The tiny kit's Qwen2.5-VL widened (text: hidden 512, 8 layers, intermediate 2048), stored in bf16 as real
-    checkpoints are; returns its fp32 parameter bytes."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(tiny_vl, local_files_only=True)
-    text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 512, 2048, 8
-    text.num_attention_heads, text.num_key_value_heads = 8, 2
-    text.layer_types = ["full_attention"] * 8
-    text.rope_parameters = {**text.rope_parameters, "mrope_section": [8, 12, 12]}
-    config.vision_config.out_hidden_size = 512
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    nbytes = sum(p.numel() for p in model.parameters()) * 4
-    model.to(torch.bfloat16).save_pretrained(out)
-    for item in Path(tiny_vl).iterdir():
-        if item.is_file() and not item.name.startswith(("model", "config.json")):
-            shutil.copy2(item, out / item.name)
-    return nbytes
-
-
 @pytest.fixture(scope="module")
 def wide_vl(tiny_kit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wide_vl")
-    return out, build_wide_vl(tiny_kit["vl"], out)
+    """The tiny kit's Qwen2.5-VL widened (text: hidden 512, 8 layers, intermediate 2048), stored in bf16; with its
+    fp32 parameter bytes."""
+    from srpo_fast.tiny import build_widened_vl_model
+    from srpo_fast.train.memory import model_facts_from_dir
+
+    out = build_widened_vl_model(tiny_kit["vl"], tmp_path_factory.mktemp("wide_vl"), hidden=512, intermediate=2048,
+                                 layers=8, heads=8, kv_heads=2)
+    return out, model_facts_from_dir(out).numel * 4
 
 
 def run_mode(model_dir: Path, mode: str, out: Path) -> list[dict]:

@@ -128,16 +128,19 @@ def packed_hidden_states(model: nn.Module, batch: PackedBatch, *, sync_vision: b
 
 
 def packed_token_logprobs(model: nn.Module, batch: PackedBatch, *, temperature: float = 1.0,
-                          return_entropy: bool = False, sync_vision: bool | None = None
+                          return_entropy: bool = False, sync_vision: bool | None = None, check: bool = False
                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | everything before it in its sequence) / temperature-scaled, fp32 [R] in the batch's
     response order (`batch.target_positions`); with return_entropy=True also the entropy [R] of each of those
-    distributions. Differentiable w.r.t. the model's parameters."""
+    distributions. Differentiable w.r.t. the model's parameters.
+
+    check: verify that every target id is below the LM head's rows (one device sync per call). Off by default: the
+    targets are token ids the engine sampled from this model's own vocabulary, and the step loop has no host sync."""
     positions, targets = batch.target_positions - 1, batch.targets
 
     def logprobs(hidden: torch.Tensor):
         weight, bias = output_head(model)
         return linear_token_logprobs(hidden.index_select(0, positions), weight, targets, temperature=temperature,
-                                     return_entropy=return_entropy, bias=bias)
+                                     return_entropy=return_entropy, bias=bias, check=check)
 
     return _run_packed(model, batch, sync_vision, logprobs)

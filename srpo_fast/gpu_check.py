@@ -7,7 +7,8 @@ Parts, each in its own process with its own time limit (a hang or crash loses th
   step       benchmarks/step.py on a Qwen2.5-VL-3B-shaped random text model (packed vs padded forward+backward)
   train      3 GRPO steps of the real trainer in bf16 with the HF engine on a model with Qwen2.5-VL-3B-shaped layers,
   train_offload  the same with train.cpu_offload=true
-Writes gpu_check.json (everything) and gpu_check.md (a summary) to --out, plus the parts' own result files.
+Writes gpu_check.json (everything, the trainer's per-step metrics included), gpu_check.md (a summary), kernels.json
+and step.json (the benchmarks' own results) to --out: five files.
 
 `--dry-run` runs the same parts on the CPU with tiny shapes (pytest's gpu tests then skip, the benchmarks run their
 smoke modes, the trainer one step on the tiny kit in fp32): the test suite runs it so the check cannot rot.
@@ -130,11 +131,11 @@ def build_parts(out: Path, work: Path, dry_run: bool) -> list[Part]:
     parts = [
         Part("env", [py, "-m", "srpo_fast.gpu_check", "--part", "env"], 120, dict(interpret)),
         Part("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        f"--junitxml={out / 'pytest_gpu.xml'}", *gpu_test_files()], 150, dict(interpret)),
-        Part("kernels", [py, "benchmarks/kernels.py", "--out", str(out / "kernels.json"),
+                        f"--junitxml={work / 'pytest_gpu.xml'}", *gpu_test_files()], 150, dict(interpret)),
+        Part("kernels", [py, "benchmarks/kernels.py", "--out", str(work / "kernels.json"),
                          *(["--smoke", "--no-compile", "--sections", "token_logprobs"] if dry_run
                            else ["--no-compile", "--iters", "3"])], 150, dict(interpret)),
-        Part("step", [py, "benchmarks/step.py", "--out", str(out / "step.json"),
+        Part("step", [py, "benchmarks/step.py", "--out", str(work / "step.json"),
                       *(["--smoke"] if dry_run else ["--models", "qwen2_5_vl_3b_text", "--samples", "32"])], 120,
              dict(interpret)),
     ]
@@ -166,27 +167,24 @@ def read_results(part: Part, out: Path, work: Path) -> None:
     try:
         if part.name == "env" and part.status == "ok":
             part.result = json.loads(part.tail.strip().splitlines()[-1])
-        elif part.name == "pytest" and (out / "pytest_gpu.xml").is_file():
-            suite = ET.parse(out / "pytest_gpu.xml").getroot()
+        elif part.name == "pytest" and (work / "pytest_gpu.xml").is_file():
+            suite = ET.parse(work / "pytest_gpu.xml").getroot()
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
             counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
             counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
             failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                       if case.find("failure") is not None or case.find("error") is not None]
             part.result = {**counts, "failed": failed}
-        elif part.name in ("kernels", "step") and (out / f"{part.name}.json").is_file():
+        elif part.name in ("kernels", "step") and (work / f"{part.name}.json").is_file():
+            shutil.copy2(work / f"{part.name}.json", out / f"{part.name}.json")
             data = json.loads((out / f"{part.name}.json").read_text())
             part.result = ({"targets": data.get("targets"), "copy_bandwidth_GBps": data.get("copy_bandwidth_GBps")}
                            if part.name == "kernels" else _step_summary(data))
         elif part.name.startswith("train"):
             metrics = work / part.name / "metrics.jsonl"
-            if metrics.is_file():
-                shutil.copy2(metrics, out / f"{part.name}_metrics.jsonl")
-                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                keep = ("step", "timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
-                        "timing/sleep_s", "loss/pg_loss", "loss/grad_norm", "perf/gpu_mem_peak_GB",
-                        "perf/response_tokens_per_s", "train/microbatches", "sync/GB")
-                part.result = {"steps": [{k: r[k] for k in keep if k in r} for r in rows]}
+            if metrics.is_file():  # every logged metric, in the summary JSON (few files come back from a lease)
+                part.result = {"steps": [json.loads(line) for line in metrics.read_text().splitlines()
+                                         if line.strip()]}
     except (OSError, ValueError, json.JSONDecodeError, ET.ParseError) as exc:
         part.result = {"unreadable": f"{type(exc).__name__}: {exc}"}
 

@@ -94,8 +94,9 @@ def environment() -> dict:
             "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_GiB=props.total_memory / 2**30, capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, gpus=torch.cuda.device_count())
+        info.update(gpu=props.name, gpu_memory_GiB=props.total_memory / 2**30,
+                    capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                    gpus=torch.cuda.device_count())
         smi = shutil.which("nvidia-smi")
         if smi:
             out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,

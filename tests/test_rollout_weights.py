@@ -164,7 +164,7 @@ def test_config_validation():
     with pytest.raises(TypeError, match="stop"):
         SamplingConfig(stop="</answer>")
     for bad in [dict(on_overlong_prompt="drop"), dict(logprobs_mode="scaled"), dict(sync_method="fast"),
-                dict(max_prompt_tokens=4096)]:
+                dict(max_prompt_tokens=4096), dict(tensor_parallel_size=2)]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             RolloutEngineConfig(model="m", **bad)
     assert RolloutEngineConfig(model="m", max_model_len=100).prompt_limit == 99

@@ -239,3 +239,23 @@ def test_distributed_helpers_without_a_group():
     proc = subprocess.run([sys.executable, "-c", NO_GROUP_CHECKS], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
+
+
+def test_root_stays_gathered_from_forward_to_backward(tiny_kit):
+    """The root unit (embeddings, LM head) is not resharded after the forward (it would be all-gathered again at
+    once for the backward); the decoder layers are; after the backward everything is sharded again."""
+    from torch.distributed.tensor import DTensor
+
+    created = not dist.is_initialized()
+    du.init_distributed()
+    try:
+        model = shard_model(text_model(tiny_kit))
+        ids = torch.randint(10, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        assert not isinstance(model.lm_head.weight, DTensor)  # root: still gathered
+        assert isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)  # a layer: resharded
+        loss.backward()
+        assert isinstance(model.lm_head.weight, DTensor)
+    finally:
+        if created:
+            du.cleanup()

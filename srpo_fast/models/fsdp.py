@@ -64,6 +64,8 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     param_dtype: compute dtype for forward/backward (e.g. torch.bfloat16); None keeps the parameters' dtype.
     The sharded master parameters, gradients and optimizer state stay in the parameters' own dtype (fp32).
     reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps bf16 training's gradient sums exact-ish).
+    reshard_after_forward: for the layer / block / tower units; the root always keeps its parameters gathered
+    until its backward.
     cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
     gradient_reduction: "sum" for the token-mean contract in the module docstring, "mean" for FSDP's average.
     Call `utils.distributed.init_distributed()` first (it also works for a plain one-process run).
@@ -84,7 +86,10 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     )
     for unit in _sharding_units(model):
         fully_shard(unit, **options)
-    fully_shard(model, **options)
+    # the root (embeddings, final norm, LM head) stays gathered from forward to backward: resharding it after the
+    # forward would only all-gather it again at once for the backward (FSDP2's own default for roots, which an
+    # explicit reshard_after_forward=True turns off)
+    fully_shard(model, **{**options, "reshard_after_forward": False})
     if gradient_reduction == "sum":
         set_sum_gradient_reduction(model)
     return model

@@ -61,6 +61,9 @@ def run_part(part: Part, cwd: Path = REPO) -> Part:
         output, _ = proc.communicate()
         part.status = "timeout"
         output += f"\n[killed after {part.timeout_s:.0f} s]"
+    except BaseException:  # the check itself is stopped (Ctrl-C, SIGTERM): take the part's processes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     part.returncode = proc.returncode
     part.seconds = time.perf_counter() - start
     part.tail = output[-TAIL:]
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "env":
         print(json.dumps(environment()))
         return 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so run_part can clean up
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "results" / "gpu")
     summary = run_check(out, args.dry_run, set(args.only.split(",")) if args.only else None)
     print((out / "gpu_check.md").read_text())

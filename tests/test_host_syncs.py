@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_models_loading import synthetic_vl_sample  # noqa: E402
 
 CPU_ONLY = ("srpo_fast/models/attention.py",)  # per-segment SDPA: the CPU fallback; CUDA runs a varlen kernel
+HOST_SIDE = ("srpo_fast/data/packing.py",)  # packs the rows from CPU tensors before they move to the device
 
 
 def test_counter_sees_each_kind_of_host_sync():
@@ -79,3 +80,48 @@ def test_packed_step_host_syncs_on_cuda(tiny_kit):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 1, syncs
+
+
+def test_policy_update_host_syncs_do_not_grow_with_micro_batches(tiny_kit, tmp_path):
+    """The whole GRPO update on one rank: what its own code syncs is per optimizer step (the gradient norm's
+    finiteness check, the metrics' one reduction), never per micro-batch: splitting the same items into more
+    micro-batches adds none."""
+    import torch.distributed as dist
+
+    from srpo_fast.config import load_config
+    from srpo_fast.train.batches import TrainItem, share_items
+    from srpo_fast.train.grpo import policy_update
+    from srpo_fast.train.run import start_run
+    from srpo_fast.utils.distributed import cleanup, init_distributed
+
+    root = Path(__file__).resolve().parent.parent
+    created = not dist.is_initialized()
+    init_distributed()
+    counts = {}
+    try:
+        for budget in (4096, 40):
+            cfg = load_config(root / "configs" / "demo_cpu.yaml", [
+                f"model.path={tiny_kit['vl']}", f"train.output_dir={tmp_path / str(budget)}",
+                f"train.max_tokens_per_microbatch={budget}", "log.progress=false", "log.tensorboard=off"])
+            run = start_run(cfg, total=1, optimizer_steps_per_step=1)
+            gen = torch.Generator().manual_seed(1)
+            items = [TrainItem(sample=synthetic_vl_sample(run.model.config, gen, [(1, 4, 6)], 3, 2, 5), advantage=1.0,
+                               group=0)]
+            items += [TrainItem(Sample(torch.randint(10, 1000, (9,), generator=gen),
+                                       torch.randint(10, 1000, (8,), generator=gen)), advantage=a, group=1)
+                      for a in (-1.0, 0.5, 0.5)]
+            step_items = share_items(items)
+            rope = MRopeIndexer(run.model)
+            policy_update(cfg, run, step_items, rope, None)  # lazy set-up outside the count
+            with count_host_syncs() as syncs:
+                metrics = policy_update(cfg, run, step_items, rope, None)
+            own = {k: n for k, n in syncs.in_own_code().items() if k[1].split(":")[0] not in CPU_ONLY + HOST_SIDE}
+            counts[budget] = (metrics["train/microbatches"], sum(own.values()), own)
+            run.logger.close()
+    finally:
+        if created:
+            cleanup()
+    (few, syncs_few, _), (many, syncs_many, detail) = counts[4096], counts[40]
+    assert many > few
+    grew = {k: (counts[4096][2].get(k, 0), n) for k, n in detail.items() if n != counts[4096][2].get(k, 0)}
+    assert syncs_many == syncs_few, grew  # nothing per micro-batch

@@ -1,12 +1,13 @@
 """The one-call GPU check: what a session with a lent GPU runs first (`bash scripts/gpu_check.sh [OUT_DIR]`).
 
-Parts, each in its own process with its own time limit (a hang or crash loses that part only, the rest still run):
+Parts, in this order, each in its own process with its own time limit (a hang or crash loses that part only, the
+rest still run), all within --budget-s (470 s: under 8 minutes; a part that would start later is skipped, said so):
   env        python / torch / CUDA / triton / transformers versions, the GPU, which attention and engine backends exist
   pytest     every `gpu`-marked test, Triton compiled for real (TRITON_INTERPRET=0)
-  kernels    benchmarks/kernels.py at the target shapes (torch.compile peers off: their compile time would not fit)
-  step       benchmarks/step.py on a Qwen2.5-VL-3B-shaped random text model (packed vs padded forward+backward)
   train      3 GRPO steps of the real trainer in bf16 with the HF engine on a model with Qwen2.5-VL-3B-shaped layers,
   train_offload  the same with train.cpu_offload=true
+  kernels    benchmarks/kernels.py at the target shapes (torch.compile peers off: their compile time would not fit)
+  step       benchmarks/step.py on a Qwen2.5-VL-3B-shaped random text model (packed vs padded forward+backward)
 Writes gpu_check.json (everything, the trainer's per-step metrics included), gpu_check.md (a summary), kernels.json
 and step.json (the benchmarks' own results) to --out: five files.
 
@@ -132,10 +133,17 @@ def build_parts(out: Path, work: Path, dry_run: bool) -> list[Part]:
     interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
     tests_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
                                                               os.environ.get("PYTHONPATH")]))}
+    model_dir = work / "model"
+    steps, dtype = (1, "float32") if dry_run else (3, "bfloat16")
     parts = [
-        Part("env", [py, "-m", "srpo_fast.gpu_check", "--part", "env"], 120, dict(interpret)),
+        Part("env", [py, "-m", "srpo_fast.gpu_check", "--part", "env"], 60, dict(interpret)),
         Part("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                         f"--junitxml={work / 'pytest_gpu.xml'}", *gpu_test_files()], 150, dict(interpret)),
+    ]
+    for name, offload in (("train", False), ("train_offload", True)):
+        parts.append(Part(name, trainer_command(model_dir, work / name, steps=steps, dtype=dtype, offload=offload,
+                                                dry_run=dry_run), 120, {**interpret, **tests_path}))
+    parts += [
         Part("kernels", [py, "benchmarks/kernels.py", "--out", str(work / "kernels.json"),
                          *(["--smoke", "--no-compile", "--sections", "token_logprobs"] if dry_run
                            else ["--no-compile", "--iters", "3"])], 150, dict(interpret)),
@@ -143,11 +151,6 @@ def build_parts(out: Path, work: Path, dry_run: bool) -> list[Part]:
                       *(["--smoke"] if dry_run else ["--models", "qwen2_5_vl_3b_text", "--samples", "32"])], 120,
              dict(interpret)),
     ]
-    model_dir = work / "model"
-    steps, dtype = (1, "float32") if dry_run else (3, "bfloat16")
-    for name, offload in (("train", False), ("train_offload", True)):
-        parts.append(Part(name, trainer_command(model_dir, work / name, steps=steps, dtype=dtype, offload=offload,
-                                                dry_run=dry_run), 150, {**interpret, **tests_path}))
     return parts
 
 
@@ -234,7 +237,8 @@ def _brief(part: dict) -> str:
     return ""
 
 
-def run_check(out: Path, dry_run: bool, only: set[str] | None = None) -> dict:
+def run_check(out: Path, dry_run: bool, only: set[str] | None = None, budget_s: float = 470.0) -> dict:
+    """Run the parts in order within budget_s seconds in all (each also within its own limit); write the summaries."""
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start = time.perf_counter()
@@ -244,6 +248,12 @@ def run_check(out: Path, dry_run: bool, only: set[str] | None = None) -> dict:
     if any(p.name.startswith("train") for p in parts):
         prepare_model(work, dry_run)
     for part in parts:
+        left = budget_s - (time.perf_counter() - start)
+        if left < 20:  # not worth starting: say so instead of overrunning the caller's limit
+            part.status, part.tail = "skipped", f"[not started: the check's {budget_s:.0f} s budget is spent]"
+            print(f"[gpu_check] {part.name}: skipped (budget)", flush=True)
+            continue
+        part.timeout_s = min(part.timeout_s, left)
         run_part(part)
         read_results(part, out, work)
     summary = {"mode": "dry-run (CPU, tiny shapes)" if dry_run else "GPU", "total_s": time.perf_counter() - start,
@@ -260,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="results dir (default: $OUT when set, else benchmarks/results/gpu)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, same parts (what the tests run)")
     parser.add_argument("--only", default=None, help="comma-separated subset of the parts")
+    parser.add_argument("--budget-s", type=float, default=470.0,
+                        help="seconds for the whole check (parts that would start later are skipped)")
     parser.add_argument("--part", choices=["env"], help=argparse.SUPPRESS)  # a child's job
     args = parser.parse_args(argv)
     if args.part == "env":
@@ -267,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so run_part can clean up
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "results" / "gpu")
-    summary = run_check(out, args.dry_run, set(args.only.split(",")) if args.only else None)
+    summary = run_check(out, args.dry_run, set(args.only.split(",")) if args.only else None, args.budget_s)
     print((out / "gpu_check.md").read_text())
     return 0 if all(p["status"] == "ok" for p in summary["parts"]) else 1
 

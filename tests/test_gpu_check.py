@@ -21,11 +21,17 @@ def test_a_hanging_part_is_killed_at_its_limit_and_the_next_runs():
     assert failed.status == "failed" and failed.returncode == 3
 
 
+def test_parts_past_the_budget_are_skipped_and_said_so(tmp_path):
+    summary = run_check(tmp_path, dry_run=True, only={"env", "pytest"}, budget_s=5)
+    assert [(p["name"], p["status"]) for p in summary["parts"]] == [("env", "skipped"), ("pytest", "skipped")]
+    assert "budget" in summary["parts"][0]["tail"] and "| env | skipped |" in (tmp_path / "gpu_check.md").read_text()
+
+
 @pytest.mark.slow
 def test_dry_run_goes_through_every_part(tmp_path):
-    summary = run_check(tmp_path, dry_run=True)
+    summary = run_check(tmp_path, dry_run=True, budget_s=3600)  # a loaded 2-core machine: no budget to speak of
     parts = {p["name"]: p for p in summary["parts"]}
-    assert list(parts) == ["env", "pytest", "kernels", "step", "train", "train_offload"]
+    assert list(parts) == ["env", "pytest", "train", "train_offload", "kernels", "step"]
     assert all(p["status"] == "ok" for p in parts.values()), {n: p["tail"][-800:] for n, p in parts.items()
                                                               if p["status"] != "ok"}
     assert parts["env"]["result"]["torch"] and parts["pytest"]["result"]["failures"] == 0

@@ -91,7 +91,7 @@ def test_policy_update_host_syncs_do_not_grow_with_micro_batches(tiny_kit, tmp_p
     from srpo_fast.config import load_config
     from srpo_fast.train.batches import TrainItem, share_items
     from srpo_fast.train.grpo import policy_update
-    from srpo_fast.train.run import start_run
+    from srpo_fast.train.run import TrainPlan, start_run
     from srpo_fast.utils.distributed import cleanup, init_distributed
 
     root = Path(__file__).resolve().parent.parent
@@ -103,7 +103,8 @@ def test_policy_update_host_syncs_do_not_grow_with_micro_batches(tiny_kit, tmp_p
             cfg = load_config(root / "configs" / "demo_cpu.yaml", [
                 f"model.path={tiny_kit['vl']}", f"train.output_dir={tmp_path / str(budget)}",
                 f"train.max_tokens_per_microbatch={budget}", "log.progress=false", "log.tensorboard=off"])
-            run = start_run(cfg, total=1, optimizer_steps_per_step=1)
+            run = start_run(cfg, TrainPlan(stage="grpo", records=4, steps_per_epoch=1, steps=1, prompts_per_step=2,
+                                           samples_per_step=4, optimizer_steps_per_step=1))
             gen = torch.Generator().manual_seed(1)
             items = [TrainItem(sample=synthetic_vl_sample(run.model.config, gen, [(1, 4, 6)], 3, 2, 5), advantage=1.0,
                                group=0)]

@@ -4,7 +4,8 @@
     engine = VLLMEngine(RolloutEngineConfig(model=path, ...))      # or HFEngine(config)
     engine = build_engine(EngineSettings(engine="vllm", ...), path)  # from the user-facing settings (factory.py)
     rollouts = engine.generate([RolloutRequest(messages=..., images=[img])], SamplingConfig(n=8, temperature=1.0))
-    engine.sleep(); ...train...; engine.wake_up(["weights"]); engine.update_weights(buckets); engine.wake_up(["kv_cache"])
+    engine.sleep(); ...train...
+    engine.wake_up(["weights"]); engine.update_weights(buckets); engine.wake_up(["kv_cache"])
 """
 from srpo_fast.config import EngineSettings
 

@@ -132,10 +132,10 @@ def _worker_load_weights_direct(worker, weights: Iterable[WeightPair]) -> None:
     runner.reset_mm_cache()
 
 
-_SLEEP_MODE_OWNER: "weakref.ref[VLLMEngine] | None" = None
+_SLEEP_MODE_OWNER: weakref.ref[VLLMEngine] | None = None
 
 
-def _claim_sleep_mode(engine: "VLLMEngine") -> None:
+def _claim_sleep_mode(engine: VLLMEngine) -> None:
     """One engine with sleep mode per process: vLLM puts its weights in the process-wide CuMem pool and asserts
     ("CuMem allocator can only be used for one instance per process") when a second one loads. Checked on every
     device, before anything starts, so CPU runs catch what would crash on a GPU."""

@@ -47,6 +47,22 @@ def test_7b_config_gives_8_optimizer_steps_of_128_samples_per_1024_samples():
         load_config(SRPO_7B, ["train.prompts_per_step=4"])
 
 
+def test_a_step_with_fewer_kept_groups_than_mini_batches_takes_fewer_whole_group_steps():
+    """The filter may keep fewer groups than algo.mini_batches (8 in the 7B recipe): the step then makes one
+    optimizer step per kept group instead of failing mid-run; a full step keeps all 8."""
+    from srpo_fast.train.batches import StepItems
+    from srpo_fast.train.grpo import mini_batch_count
+
+    def step(groups: int) -> StepItems:
+        return StepItems(facts=[Fact(group=g) for g in range(groups) for _ in range(8)], local={})
+
+    assert [mini_batch_count(step(g), 8) for g in (1, 3, 7, 8, 128)] == [1, 3, 7, 8, 8]
+    assert mini_batch_count(step(0), 8) == 1
+    assert [len(m) for m in split_mini_batches(step(3).facts, mini_batch_count(step(3), 8))] == [8, 8, 8]
+    with pytest.raises(ValueError, match="cannot fill"):  # what the step did before: die after its rollout
+        split_mini_batches(step(3).facts, 8)
+
+
 def test_7b_optimizer_and_schedule_are_the_released_ones():
     """betas (0.9, 0.95), no weight decay, 3% linear warm-up, cosine to 0.1 x lr, as built by the trainer."""
     from srpo_fast.models import build_lr_scheduler, build_optimizer

@@ -94,6 +94,12 @@ def engine_mismatch(micro: MicroBatch, logp: torch.Tensor) -> torch.Tensor:
     return ((logp.detach().float() - micro.behavior_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def mini_batch_count(items: StepItems, wanted: int) -> int:
+    """algo.mini_batches, or fewer when the filter kept fewer groups than that: a mini-batch holds whole groups, so
+    a thin step takes fewer (whole-group) optimizer steps instead of failing."""
+    return max(1, min(wanted, len({fact.group for fact in items.facts})))
+
+
 def policy_update(cfg: Config, run: Run, items: StepItems, rope_index, ref_model) -> dict[str, float]:
     """ppo_epochs x mini_batches optimizer steps on the step's items (all ranks'); returns reduced loss metrics.
     Collective."""
@@ -101,8 +107,8 @@ def policy_update(cfg: Config, run: Run, items: StepItems, rope_index, ref_model
     minis = [plan_mini_batch(items, idx, max_tokens=cfg.train.max_tokens_per_microbatch, device=run.device,
                              rope_index=rope_index, attention_cost=cfg.train.attention_cost,
                              on_overlong=cfg.train.on_overlong)
-             for idx in split_mini_batches(items.facts, algo.mini_batches)]
-    on_policy = algo.ppo_epochs == 1 and algo.mini_batches == 1  # then "old" is the current log-prob, detached
+             for idx in split_mini_batches(items.facts, mini_batch_count(items, algo.mini_batches))]
+    on_policy = algo.ppo_epochs == 1 and len(minis) == 1  # then "old" is the current log-prob, detached
     with torch.no_grad():
         for micro in (micro for mini in minis for micro in mini.micro_batches):
             if not on_policy:

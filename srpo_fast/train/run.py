@@ -305,6 +305,21 @@ class Run:
         return self.out_dir
 
 
+def prewarm_logprob_kernel(cfg: Config, model: nn.Module, device: torch.device) -> list[int]:
+    """Autotune the fused log-prob kernel for every micro-batch size bucket now, on a random matrix of the LM
+    head's shape and compute dtype (the tuner looks at shapes only), instead of inside the first training step.
+    Only on CUDA, where the Triton path runs; returns the token-count buckets it tuned."""
+    head = model.get_output_embeddings() if device.type == "cuda" else None
+    if head is None:
+        return []
+    from srpo_fast.kernels.linear_logprobs import prewarm
+
+    weight = torch.randn(tuple(head.weight.shape), dtype=getattr(torch, cfg.model.dtype), device=device)
+    buckets = prewarm(weight, range(1, cfg.train.max_tokens_per_microbatch + 1, 256))
+    del weight
+    return buckets
+
+
 def start_run(cfg: Config, plan: TrainPlan) -> Run:
     """Say the plan, seed, write the resolved config, build policy + optimizer + schedule, resume from the newest
     checkpoint."""
@@ -322,6 +337,7 @@ def start_run(cfg: Config, plan: TrainPlan) -> Run:
 
         warn_if_unfit(plan_for_run(cfg, model_path, world_size()))
     model = build_policy(cfg, model_path)
+    prewarm_logprob_kernel(cfg, model, device)
     optimizer = build_optimizer(model, cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
                                 weight_decay=cfg.train.weight_decay, impl=cfg.train.offload_optimizer)
     scheduler = build_lr_scheduler(optimizer, total_steps=max(1, plan.optimizer_steps),

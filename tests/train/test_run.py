@@ -43,3 +43,30 @@ def test_non_finite_gradient_skips_the_update_and_counts_it():
     assert math.isnan(out["grad_norm"]) and out["skipped_update"] == 1.0
     assert all(torch.equal(b, p) for b, p in zip(before, run.model.parameters()))
     assert run.model.weight.grad is None and out["lr"] == 0.5 / 2
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_prewarm_is_a_no_op_off_cuda():
+    from srpo_fast.train.run import prewarm_logprob_kernel
+
+    cfg = load_config(None, ["train.max_tokens_per_microbatch=1024"])
+    assert prewarm_logprob_kernel(cfg, _Head(300, 32), torch.device("cpu")) == []
+
+
+@pytest.mark.gpu
+def test_prewarm_tunes_every_micro_batch_bucket_before_step_one():
+    """On CUDA the fused log-prob kernel's autotuner runs at start-up for each N bucket up to the token budget."""
+    from srpo_fast.kernels.linear_logprobs import n_bucket
+    from srpo_fast.train.run import prewarm_logprob_kernel
+
+    cfg = load_config(None, ["train.max_tokens_per_microbatch=1024", "model.dtype=bfloat16"])
+    buckets = prewarm_logprob_kernel(cfg, _Head(4096, 256), torch.device("cuda"))
+    assert buckets == sorted({n_bucket(n) for n in range(1, 1025, 256)}) and buckets

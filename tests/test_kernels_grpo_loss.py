@@ -306,7 +306,8 @@ def ours_from_logits(logits, ids, mask, old, ref, adv, aggregation, level, max_l
     batch, length = ids.shape
     flat_logits = logits[:, :-1].reshape(batch * length, -1)
     logp = token_logprobs(flat_logits, ids.reshape(-1), 0.9, return_entropy=False)
-    return grpo_loss(logp, old.reshape(-1), adv, mask.reshape(-1), cu_from([length] * batch), ref.reshape(-1),
+    cu_seqlens = cu_from([length] * batch).to(ids.device)
+    return grpo_loss(logp, old.reshape(-1), adv, mask.reshape(-1), cu_seqlens, ref.reshape(-1),
                      clip_low=eps[0], clip_high=eps[1], kl_coef=0.04, aggregation=aggregation, is_level=level,
                      max_response_len=max_len)
 
@@ -315,6 +316,8 @@ def ours_from_logits(logits, ids, mask, old, ref, adv, aggregation, level, max_l
 def test_matches_liger_triton_grpo_loss(backend, loss_type, aggregation, level):
     liger = pytest.importorskip("liger_kernel.transformers.grpo_loss", reason="liger-kernel not installed")
     logits, ids, mask, old, ref, adv = liger_inputs(seed=len(loss_type) + len(level))
+    if torch.cuda.is_available():  # Liger's Triton kernel runs compiled there, on device tensors only
+        logits, ids, mask, old, ref, adv = (t.cuda() for t in (logits, ids, mask, old, ref, adv))
     eps = (0.2, 0.28)
     x = logits.clone().requires_grad_()
     loss, metrics = liger.triton_grpo_loss(x, old, ref, ids, adv, completion_mask=mask, temperature=0.9, beta=0.04,

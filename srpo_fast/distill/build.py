@@ -35,7 +35,8 @@ def build_teacher(cfg: DistillConfig, engine=None):
         return HTTPTeacher(t.url, t.model, api_key_env=t.api_key_env, multimodal=t.multimodal,
                            concurrency=t.concurrency, timeout_s=t.timeout_s, max_retries=t.max_retries,
                            backoff_s=t.backoff_s, backoff_max_s=t.backoff_max_s, temperature=t.temperature,
-                           max_tokens=t.max_tokens, seed=t.seed)
+                           max_tokens=t.max_tokens, seed=t.seed,
+                           max_reply_bytes=t.max_reply_bytes)
     settings = t.local
     if not settings.model:
         raise ValueError("a local teacher needs teacher.local.model (--teacher-local DIR)")

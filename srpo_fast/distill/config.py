@@ -49,7 +49,8 @@ class TeacherConfig:
     api_key_env: str | None = None  # NAME of the env var holding the key (never the key itself)
     multimodal: bool = True  # send the images (data URLs / engine images); off for a text-only teacher
     concurrency: int = 8
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # total time per attempt (connect, headers and whole body), on its own clock
+    max_reply_bytes: int = 16 << 20  # a bigger reply is a counted reply_too_large failure, never read whole
     max_retries: int = 5
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
@@ -61,6 +62,11 @@ class TeacherConfig:
     def __post_init__(self):
         _one_of("teacher.kind", self.kind, ("http", "local"))
         _positive("teacher.concurrency", self.concurrency)
+        _positive("teacher.timeout_s", self.timeout_s)
+        _positive("teacher.max_reply_bytes", self.max_reply_bytes)
+        if self.backoff_s < 0 or self.backoff_max_s < 0:
+            raise ConfigError(f"teacher.backoff_s and backoff_max_s must be >= 0, got {self.backoff_s}, "
+                              f"{self.backoff_max_s}")
         if self.max_retries < 0:
             raise ConfigError(f"teacher.max_retries must be >= 0, got {self.max_retries}")
 

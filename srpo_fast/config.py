@@ -56,6 +56,7 @@ class DataConfig:
     max_response_tokens: int | None = None  # SFT: a target (response + end of turn) longer than this is skipped and
     #   counted, never truncated; None: no cut-off but the packing budget. GRPO's cut-off is rollout.max_tokens.
     shuffle: bool = True
+    allow_outside_paths: bool = False  # image paths in records may leave the data file's directory (../, absolute)
 
     def __post_init__(self):
         _positive("data.synthetic_size", self.synthetic_size)

@@ -14,8 +14,10 @@ def load_data(cfg: DistillConfig) -> tuple[list[dict], dict]:
     """(records, load report as a dict): the data files, else the synthetic task; `data.limit` keeps the first N."""
     d = cfg.data
     if d.files:
-        records, report = load_records(d.files, on_bad="skip")
+        records, report = load_records(d.files, on_bad="skip", allow_outside_paths=d.allow_outside_paths)
         info = {"loaded": report.loaded, "bad_rows": report.skipped, "bad_reasons": report.reasons}
+        if report.details:
+            info["bad_rows_first"] = report.details
     elif d.synthetic > 0:
         records = make_dataset(d.synthetic, seed=d.synthetic_seed, difficulty=d.synthetic_difficulty)
         info = {"synthetic": len(records)}

@@ -78,6 +78,7 @@ class DataSection:
     synthetic_seed: int = 0
     synthetic_difficulty: int = 1
     limit: int | None = None  # first N records only
+    allow_outside_paths: bool = False  # image paths may point outside the data directory (they are sent to the teacher)
 
 
 @dataclass

@@ -4,8 +4,8 @@
 Requests run on a thread pool (`concurrency`). Each attempt has a total deadline (`timeout_s`) on its own clock:
 socket timeouts are per read, so a server that trickles a byte at a time would otherwise never time out; at the
 deadline a watchdog shuts the socket down. A reply is read up to `max_reply_bytes`; a bigger one is a counted
-`reply_too_large` failure, never held in memory. 429, 5xx, connection errors and timeouts are retried with exponential backoff and jitter (a numeric Retry-After is honoured, capped at
-`backoff_max_s`); other 4xx are a counted `TeacherFailure` at once; 401/403 raise `TeacherAuthError`, because
+`reply_too_large` failure, never held in memory. 429, 5xx, connection errors and timeouts are retried with
+exponential backoff and jitter (a numeric Retry-After is honoured, capped at `backoff_max_s`); other 4xx are a counted `TeacherFailure` at once; 401/403 raise `TeacherAuthError`, because
 every request would fail the same way. The API key is read from the environment variable named in the config,
 held only in memory, and registered with utils/redact.py, so neither it nor any Authorization value a server
 echoes back (in an error body, say) reaches a message, log, output or saved config.
@@ -264,12 +264,15 @@ class HTTPTeacher:
     def _read_capped(self, response) -> bytes:
         """The body, or _TooLarge as soon as it (or its announced Content-Length) passes max_reply_bytes."""
         length = response.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_reply_bytes:
-            raise _TooLarge(f"Content-Length {int(length)}")
+        length = int(length) if length is not None and length.strip().isdigit() else None
+        if length is not None and length > self.max_reply_bytes:
+            raise _TooLarge(f"Content-Length {length}")
         chunks, size = [], 0
         while True:
             chunk = response.read(min(1 << 16, self.max_reply_bytes + 1 - size))
             if not chunk:
+                if length is not None and size < length:  # read(n) returns short, without IncompleteRead
+                    raise http.client.IncompleteRead(b"".join(chunks), length - size)
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)

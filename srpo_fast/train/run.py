@@ -54,9 +54,10 @@ def load_train_records(cfg: Config) -> list[dict]:
         return make_dataset(cfg.data.synthetic_size, seed=cfg.train.seed, difficulty=cfg.data.synthetic_difficulty)
     from srpo_fast.data.records import load_records
 
-    records, report = load_records(cfg.data.train_files, lazy_images=True)
+    records, report = load_records(cfg.data.train_files, lazy_images=True,
+                                   allow_outside_paths=cfg.data.allow_outside_paths)
     if report.skipped and is_main():
-        print(f"[data] skipped {report.skipped} bad records of {report.skipped + len(records)}: {report.reasons}")
+        print(f"[data] {report.describe()}")
     if not records:
         raise ValueError(f"no usable records in {cfg.data.train_files}")
     return records

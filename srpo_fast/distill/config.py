@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from srpo_fast.config import ConfigError, EngineSettings, _one_of, _positive, load_sections, save_config
+from srpo_fast.config import (ConfigError, EngineSettings, _in_range, _non_negative, _one_of, _positive, check_pixels,
+                              load_sections, save_config)
 from srpo_fast.reward.config import RewardConfig
 
 
@@ -32,6 +33,9 @@ class LocalModel(EngineSettings):
         super().__post_init__()
         try:
             _positive("max_tokens", self.max_tokens)
+            _non_negative("temperature", self.temperature)
+            _in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+            check_pixels(None, self.min_pixels, self.max_pixels)
         except ConfigError as exc:
             raise ValueError(f"{type(self).__name__}.{exc}") from None
 
@@ -64,6 +68,8 @@ class TeacherConfig:
         _positive("teacher.concurrency", self.concurrency)
         _positive("teacher.timeout_s", self.timeout_s)
         _positive("teacher.max_reply_bytes", self.max_reply_bytes)
+        _positive("teacher.max_tokens", self.max_tokens)
+        _non_negative("teacher.temperature", self.temperature)
         if self.backoff_s < 0 or self.backoff_max_s < 0:
             raise ConfigError(f"teacher.backoff_s and backoff_max_s must be >= 0, got {self.backoff_s}, "
                               f"{self.backoff_max_s}")

@@ -69,14 +69,15 @@ class _Worker:
         self.job: int | None = None
         self.deadline = float("inf")
 
-    def kill(self) -> int | None:
-        """Kill (if alive) and reap; returns the exit code."""
+    def kill(self, wait: bool = True) -> int | None:
+        """Kill (if alive) and, with `wait`, reap; returns the exit code (None when not reaped yet)."""
         if self.process.poll() is None:
             self.process.kill()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        if wait:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self.tx.close()
         self.rx.close()
         return self.process.returncode
@@ -95,6 +96,7 @@ class GraderPool:
             raise ValueError(f"spares must be an int >= 0, got {spares!r}")
         self.num_workers, self.spares = num_workers, spares
         self._workers: list[_Worker] = []
+        self._dying: list[subprocess.Popen] = []  # killed, not reaped yet
         self._lock = threading.Lock()
         self._pending: deque[int] = deque()
         self._attempts: list[int] = []
@@ -126,12 +128,18 @@ class GraderPool:
                     raise GraderPoolBroken(f"cannot start a grader worker: {exc}") from None
                 return  # run with fewer for now; the next _fill tries again
 
-    def _replace(self, worker: _Worker) -> int | None:
-        code = worker.kill()
+    def _replace(self, worker: _Worker) -> None:
+        """Kill a worker (reaped later: a process deep in sympy can take a while to release its memory) and top the
+        pool up again."""
+        worker.kill(wait=False)
+        self._dying.append(worker.process)
         self._workers.remove(worker)
         self.restarts += 1
+        self._reap()
         self._fill()
-        return code
+
+    def _reap(self) -> None:
+        self._dying = [p for p in self._dying if p.poll() is None]
 
     def _start_failed(self, worker: _Worker, why: str) -> None:
         """A worker that died or hung before ready: replace it. Give up when workers keep exiting by themselves
@@ -240,6 +248,8 @@ class GraderPool:
                     worker.job, worker.deadline = job_id, time.monotonic() + timeout_s
                     self._attempts[job_id] += 1
                     busy += 1
+            if not busy and not pending:  # the last items just timed out: nothing left to wait for
+                break
             next_deadline = min((w.deadline for w in self._workers), default=float("inf"))
             self._poll(max(0.0, min(next_deadline - time.monotonic(), 1.0)), results)
         return [r if r is not None else JobResult("crash") for r in results]
@@ -258,6 +268,12 @@ class GraderPool:
                     pass
                 worker.kill()
             self._workers.clear()
+            for process in self._dying:
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._dying.clear()
 
 
 _POOL: GraderPool | None = None

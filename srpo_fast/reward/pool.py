@@ -102,8 +102,8 @@ class GraderPool:
         self._attempts: list[int] = []
         self.restarts = 0  # workers killed (timeout) or lost (crash) and replaced, over the pool's life
         self.start_failures = 0  # workers that died (or hung) before ready, over the pool's life
-        self._failed_starts_in_row: list[str] = []  # reasons since a worker last became ready
-        self._last_ready = time.monotonic()  # a worker last became ready (or the pool was made)
+        self._failed_starts_in_row: list[tuple[str, int | None]] = []  # (why, exit code) since a worker was ready
+        self._streak_start = 0.0  # when the first of those failed
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
@@ -149,14 +149,15 @@ class GraderPool:
         self._workers.remove(worker)
         self.restarts += 1
         self.start_failures += 1
-        self._failed_starts_in_row.append(f"{why} (exit code {code})")
-        exits = sum("exit code -" not in r and "exit code None" not in r for r in self._failed_starts_in_row)
-        stalled = time.monotonic() - self._last_ready > START_TIMEOUT_S
-        if exits >= MAX_START_FAILURES or stalled:
-            reasons = "; ".join(self._failed_starts_in_row[-3:])
+        if not self._failed_starts_in_row:
+            self._streak_start = time.monotonic()
+        self._failed_starts_in_row.append((why, code))
+        exits = sum(c is not None and c >= 0 for _, c in self._failed_starts_in_row)  # < 0: killed by a signal
+        stalled = time.monotonic() - self._streak_start
+        if exits >= MAX_START_FAILURES or stalled > START_TIMEOUT_S:
+            reasons = "; ".join(f"{w} (exit code {c})" for w, c in self._failed_starts_in_row[-3:])
             raise GraderPoolBroken(f"{len(self._failed_starts_in_row)} grader workers in a row failed to start, "
-                                   f"none became ready for {time.monotonic() - self._last_ready:.0f} s; last: "
-                                   f"{reasons}")
+                                   f"none became ready for {stalled:.0f} s; last: {reasons}")
         self._fill()
 
     def _check_starting(self) -> None:
@@ -195,7 +196,6 @@ class GraderPool:
             if kind == "ready":
                 worker.ready = True
                 self._failed_starts_in_row.clear()
-                self._last_ready = time.monotonic()
             elif kind == "error":  # math-verify does not import: every new worker would fail the same way
                 worker.kill()
                 self._workers.remove(worker)

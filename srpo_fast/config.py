@@ -152,9 +152,8 @@ class AlgoConfig:
         _one_of("algo.aggregation", self.aggregation,
                 ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
         _one_of("algo.is_level", self.is_level, ("token", "sequence"))
-        _in_range("algo.clip_low", self.clip_low, 0.0, 1.0)
-        if self.clip_low == 1.0:  # the ratio's lower bound 1 - clip_low must stay above 0
-            raise ConfigError("algo.clip_low must be < 1, got 1.0")
+        if not 0 <= self.clip_low < 1:  # the ratio's lower bound 1 - clip_low must stay above 0
+            raise ConfigError(f"algo.clip_low must be in [0, 1), got {self.clip_low}")
         _non_negative("algo.clip_high", self.clip_high)
         _non_negative("algo.kl_coef", self.kl_coef)
         _non_negative("algo.entropy_coef", self.entropy_coef)

@@ -41,8 +41,8 @@ def test_every_float_key_rejects_non_finite_values(loader, cls, value):
 @pytest.mark.parametrize("override,message", [
     ("rollout.sync_bucket_mb=0", "rollout.sync_bucket_mb must be > 0"),
     ("train.max_grad_norm=-1", "train.max_grad_norm must be > 0"),
-    ("algo.clip_low=2", r"algo.clip_low must be in \[0.0, 1.0\]"),
-    ("algo.clip_low=1", "algo.clip_low must be < 1"),
+    ("algo.clip_low=2", r"algo.clip_low must be in \[0, 1\)"),
+    ("algo.clip_low=1", r"algo.clip_low must be in \[0, 1\)"),
     ("algo.clip_high=-0.1", "algo.clip_high must be >= 0"),
     ("algo.kl_coef=-0.5", "algo.kl_coef must be >= 0"),
     ("algo.entropy_coef=-1", "algo.entropy_coef must be >= 0"),

@@ -5,10 +5,11 @@ Requests run on a thread pool (`concurrency`). Each attempt has a total deadline
 socket timeouts are per read, so a server that trickles a byte at a time would otherwise never time out; at the
 deadline a watchdog shuts the socket down. A reply is read up to `max_reply_bytes`; a bigger one is a counted
 `reply_too_large` failure, never held in memory. 429, 5xx, connection errors and timeouts are retried with
-exponential backoff and jitter (a numeric Retry-After is honoured, capped at `backoff_max_s`); other 4xx are a counted `TeacherFailure` at once; 401/403 raise `TeacherAuthError`, because
-every request would fail the same way. The API key is read from the environment variable named in the config,
-held only in memory, and registered with utils/redact.py, so neither it nor any Authorization value a server
-echoes back (in an error body, say) reaches a message, log, output or saved config.
+exponential backoff and jitter (a numeric Retry-After is honoured, capped at `backoff_max_s`); other 4xx are a
+counted `TeacherFailure` at once; 401/403 raise `TeacherAuthError`, because every request would fail the same way.
+The API key is read from the environment variable named in the config, held only in memory, and registered with
+utils/redact.py, so neither it nor any Authorization value a server echoes back (in an error body, say) reaches a
+message, log, output or saved config.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class _Deadline:
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
-    def __enter__(self) -> "_Deadline":
+    def __enter__(self) -> _Deadline:
         self._timer.start()
         return self
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import types
 import sys
 import typing
 
@@ -24,7 +25,8 @@ def float_keys(cls, prefix=""):
         annotation, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(annotation):
             yield from float_keys(annotation, key + ".")
-        elif annotation is float or float in typing.get_args(annotation):
+        elif annotation is float or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                      and float in typing.get_args(annotation)):
             yield key
 
 
@@ -36,6 +38,11 @@ def test_every_float_key_rejects_non_finite_values(loader, cls, value):
     for key in keys:
         with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
             loader(None, [f"{key}={value}"])
+
+
+def test_float_lists_reject_non_finite_items():
+    with pytest.raises(ConfigError, match=r"train.adam_betas\[0\] must be a finite number"):
+        load_config(None, ["train.adam_betas=[.nan, 0.9]"])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -115,7 +115,8 @@ def test_eval_loader_nested_choices_empty_answers_and_outside_images(tmp_path):
     items, stats = load_items("emma", d)
     assert [i.id for i in items] == ["1", "4", "5"]
     assert stats.skipped == 2
-    assert any(k.startswith("field 'options' is not a list") for k in stats.reasons) and "empty 'answer'" in stats.reasons
+    assert any(k.startswith("field 'options' is not a list") for k in stats.reasons)
+    assert "empty 'answer'" in stats.reasons
     assert {x.split(": ")[0] for x in stats.details} == {f"{f}:2", f"{f}:3"}
     outside = items[1]
     from srpo_fast.eval.benchmarks import RowError

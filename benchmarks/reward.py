@@ -2,15 +2,19 @@
 
 The batch is generated here (seeded): prompts × 8 rollouts sharing a gold, answers as integers, decimals,
 fractions, boxed answers, multiple-choice letters and option texts, LaTeX expressions, plus first-solution-only
-and malformed responses. Two mixes:
-  fast   — what the fast path decides alone (the common case; target ≤ 100 ms for 1024 on 16 cores),
-  mixed  — one prompt in five has a symbolic LaTeX gold that needs math-verify.
+and malformed responses. Three mixes:
+  fast    — what the fast path decides alone (the common case; target ≤ 100 ms for 1024 on 16 cores),
+  mixed   — one prompt in five has a symbolic LaTeX gold that needs math-verify,
+  hostile — the fast mix with --hostile-distinct answers that hang sympy (towers like 3^{9^{9^{9}}}), each in two
+            spellings, scattered over the batch: every one costs a grade timeout and a worker kill. Timed once
+            (paper preset), with the timeouts, the math-verify jobs and the worker restarts it caused.
 Reported per mix and preset: wall time of score_batch with a warm grader pool (median over --iters), the
 phases, and the math-verify share (items that went there, unique jobs, time spent). The pool's cold start-up
 is reported separately.
 
   python benchmarks/reward.py --workers 16            # GPU machine (tensors on cuda)
   python benchmarks/reward.py --workers 2 --smoke     # tiny CPU run (what the test runs)
+  python benchmarks/reward.py --workers 2 --mixes hostile --count 4096 --hostile-distinct 40 --grade-timeout 1
 """
 from __future__ import annotations
 
@@ -29,6 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import RESULTS_DIR, plot_bars, write_results  # noqa: E402
 from srpo_fast.reward import RewardConfig, score_batch  # noqa: E402
 from srpo_fast.reward.pool import GraderPool, get_pool  # noqa: E402
+
+try:
+    from srpo_fast.reward.pool import default_num_workers  # noqa: E402
+except ImportError:  # an older tree, for before/after figures
+    def default_num_workers() -> int:
+        return min(16, os.cpu_count() or 1)
 
 ROLLOUTS = 8
 WORDS = ("so", "the", "area", "is", "then", "we", "compute", "angle", "side", "length", "thus", "check", "value",
@@ -110,6 +120,36 @@ def make_batch(count: int, mix: str, seed: int = 0):
     return responses, golds, options
 
 
+def make_hostile_batch(count: int, distinct: int, seed: int = 0):
+    """The fast mix with ``distinct`` sympy-hanging answers, each written two ways (``a^{b}`` and ``a ^ {b}``),
+    put in place of the answers of random responses."""
+    rng = random.Random(seed + 1)
+    responses, golds, options = make_batch(count, "fast", seed)
+    slots = rng.sample(range(count), min(count, 2 * distinct))
+    for j, i in enumerate(slots):
+        k = 2 + j // 2
+        answer = f"{k}^{{9^{{9^{{9}}}}}}" if j % 2 == 0 else f"{k} ^ {{9^{{9^{{9}}}}}}"
+        responses[i] = (f"<think>{_text(rng, 20, 60)}</think>\n<answer>{answer}</answer>\n"
+                        f"<reflection>ok</reflection>\n<think>{_text(rng, 10, 30)}</think>\n<answer>{answer}</answer>")
+        golds[i], options[i] = "5", None
+    return responses, golds, options
+
+
+def bench_hostile(count: int, distinct: int, workers: int, timeout_s: float, device: torch.device) -> dict:
+    pool = get_pool(workers)
+    pool.wait_ready()
+    restarts = pool.restarts
+    responses, golds, options = make_hostile_batch(count, distinct)
+    cfg = RewardConfig(preset="paper", num_workers=workers, grade_timeout_s=timeout_s)
+    t0 = time.perf_counter()
+    out = score_batch(responses, golds, cfg, options=options, device=device)
+    wall = time.perf_counter() - t0
+    return {"count": count, "distinct_hanging_answers": distinct, "spellings_each": 2, "grade_timeout_s": timeout_s,
+            "workers": workers, "spares": getattr(pool, "spares", 0), "wall_s": wall, "timeouts": out.timeouts,
+            "math_verify_jobs": int(out.stats["math_verify_jobs"]), "worker_restarts": pool.restarts - restarts,
+            "lower_bound_s": distinct * timeout_s / workers}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,14 +186,21 @@ def bench(responses, golds, options, preset: str, workers: int, device: torch.de
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1024)
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=default_num_workers())
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: 32 responses, 1 iteration")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/reward[_smoke].json)")
+    parser.add_argument("--mixes", default="fast,mixed,hostile", help="comma-separated: fast, mixed, hostile")
+    parser.add_argument("--hostile-distinct", type=int, default=40, help="hanging answers in the hostile mix")
+    parser.add_argument("--grade-timeout", type=float, default=5.0, help="grade_timeout_s for the hostile mix")
     args = parser.parse_args(argv)
+    mixes = [m for m in args.mixes.split(",") if m]
+    if any(m not in ("fast", "mixed", "hostile") for m in mixes):
+        parser.error(f"--mixes: unknown mix in {args.mixes!r}")
     if args.smoke:
         args.count, args.iters, args.device = 32, 1, "cpu"
+        args.hostile_distinct, args.grade_timeout = 2, 0.5
     name = "reward_smoke" if args.smoke else "reward"
     out = args.out or RESULTS_DIR / f"{name}.json"
     device = torch.device(args.device)
@@ -166,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     get_pool(args.workers).wait_ready()
 
     results: dict[str, dict] = {}
-    for mix in ("fast", "mixed"):
+    for mix in [m for m in mixes if m != "hostile"]:
         responses, golds, options = make_batch(args.count, mix)
         results[mix] = {preset: bench(responses, golds, options, preset, args.workers, device, args.iters)
                         for preset in ("paper", "official")}
@@ -176,16 +223,23 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['math_verify_items']} items / {r['math_verify_jobs']} jobs = "
                   f"{100 * r['math_verify_share']:.1f}% of {r['answers_graded']} answers, compose "
                   f"{r['compose_ms']:.2f})")
+    if "hostile" in mixes:
+        h = results["hostile"] = bench_hostile(args.count, args.hostile_distinct, args.workers, args.grade_timeout,
+                                               device)
+        print(f"hostile   paper     {h['wall_s']:8.2f} s   ({h['distinct_hanging_answers']} hanging answers x 2 "
+              f"spellings in {h['count']}: {h['timeouts']} timeouts, {h['math_verify_jobs']} math-verify jobs, "
+              f"{h['worker_restarts']} worker restarts; floor {h['lower_bound_s']:.1f} s = distinct x timeout / "
+              f"workers; {h['workers']} workers + {h['spares']} spare)")
     print(f"grader pool cold start ({args.workers} workers): {pool_start_s:.2f} s")
     data = {"smoke": args.smoke, "count": args.count, "workers": args.workers, "iters": args.iters,
             "device": str(device), "cpu_count": os.cpu_count(), "target_ms_fast_mix_16_cores": 100.0,
             "pool_cold_start_s": pool_start_s, "results": results}
     path = write_results(name, data, out=out)
-    plot_bars(Path(path).with_suffix(".png"), [
-        ("reward wall time per batch", "ms",
-         {f"{mix}/{preset}": {"parse": r["parse_ms"], "fast path": r["fast_path_ms"],
-                              "math-verify": r["math_verify_ms"], "total": r["median_ms"]}
-          for mix, by_preset in results.items() for preset, r in by_preset.items()})])
+    bars = {f"{mix}/{preset}": {"parse": r["parse_ms"], "fast path": r["fast_path_ms"],
+                                "math-verify": r["math_verify_ms"], "total": r["median_ms"]}
+            for mix, by_preset in results.items() if mix != "hostile" for preset, r in by_preset.items()}
+    if bars:
+        plot_bars(Path(path).with_suffix(".png"), [("reward wall time per batch", "ms", bars)])
     print(f"wrote {path}")
     return data
 

@@ -1,12 +1,15 @@
 """Run configuration: plain dataclasses, a YAML file, and dotted CLI overrides (`algo.clip_high=0.28`).
 
 EasyR1-style on purpose: no config framework, just dataclasses. Every key is checked: an unknown key or a value of
-the wrong type is an error that names the full dotted key, so a typo never silently falls back to a default. The
-resolved config is written next to each run's outputs (`save_config`).
+the wrong type is an error that names the full dotted key, so a typo never silently falls back to a default. A
+float must be finite (NaN or inf anywhere is an error), and each section checks its ranges at load time, so a bad
+value fails before any model is loaded, not inside step 1 after its rollout. The resolved config is written next to
+each run's outputs (`save_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ class ModelConfig:
             import torch
 
             self.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        check_pixels("model", self.min_pixels, self.max_pixels)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class DataConfig:
     max_response_tokens: int | None = None  # SFT: a target (response + end of turn) longer than this is skipped and
     #   counted, never truncated; None: no cut-off but the packing budget. GRPO's cut-off is rollout.max_tokens.
     shuffle: bool = True
+    allow_outside_paths: bool = False  # image paths in records may leave the data file's directory (../, absolute)
 
     def __post_init__(self):
         _positive("data.synthetic_size", self.synthetic_size)
@@ -115,6 +120,9 @@ class RolloutConfig(EngineSettings):
         if self.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
         _in_range("rollout.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.top_k < -1:
+            raise ConfigError(f"rollout.top_k must be -1 or 0 (off) or a count >= 1, got {self.top_k}")
+        _positive("rollout.sync_bucket_mb", self.sync_bucket_mb)
 
 
 @dataclass
@@ -144,6 +152,11 @@ class AlgoConfig:
         _one_of("algo.aggregation", self.aggregation,
                 ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
         _one_of("algo.is_level", self.is_level, ("token", "sequence"))
+        if not 0 <= self.clip_low < 1:  # the ratio's lower bound 1 - clip_low must stay above 0
+            raise ConfigError(f"algo.clip_low must be in [0, 1), got {self.clip_low}")
+        _non_negative("algo.clip_high", self.clip_high)
+        _non_negative("algo.kl_coef", self.kl_coef)
+        _non_negative("algo.entropy_coef", self.entropy_coef)
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or null), got {self.dual_clip}")
         _positive("algo.ppo_epochs", self.ppo_epochs)
@@ -183,6 +196,9 @@ class TrainConfig:
     resume: bool = True
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("train.output_dir is empty: give the run a directory (an empty one would write into "
+                              "the current directory)")
         _one_of("train.stage", self.stage, ("sft", "grpo"))
         _one_of("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _positive("train.prompts_per_step", self.prompts_per_step)
@@ -195,10 +211,11 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.adam_eps <= 0:
             raise ConfigError(f"train.adam_eps must be > 0, got {self.adam_eps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _non_negative("train.weight_decay", self.weight_decay)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"train.max_grad_norm must be > 0 (the clipping threshold), got {self.max_grad_norm}")
         _positive("train.max_tokens_per_microbatch", self.max_tokens_per_microbatch)
         _one_of("train.on_overlong", self.on_overlong, ("skip", "error"))
         _one_of("train.offload_optimizer", self.offload_optimizer, ("torch", "deepspeed_cpu_adam"))
@@ -261,12 +278,27 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(key: str, value: int) -> None:
-    if value <= 0:
+    if not value > 0:  # written so that NaN fails too
         raise ConfigError(f"{key} must be > 0, got {value}")
 
 
+def _non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def check_pixels(section: str | None, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Image bounds: each > 0 when set, and min <= max (else the processor silently uses one of them)."""
+    where = f"{section}." if section else ""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None:
+            _positive(f"{where}{name}", value)
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ConfigError(f"{where}min_pixels ({min_pixels}) must be <= {where}max_pixels ({max_pixels})")
+
+
 def _in_range(key: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    if not low <= value <= high or (low_open and value == low):
         raise ConfigError(f"{key} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
 
 
@@ -302,13 +334,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-6 without a dot as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-6 without a dot as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # every float key: NaN / inf would pass the range checks below
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value

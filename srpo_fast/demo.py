@@ -6,7 +6,8 @@
 2. stage 1, SFT on it (configs/demo_sft_cpu.yaml)                                      → DIR/sft/
 3. stage 2, reflection-aware GRPO from the SFT model (configs/demo_cpu.yaml)           → DIR/grpo/
 Both stages are the real trainer (`srpo_fast.train`), in this one process; rerunning resumes where it stopped.
-Plain overrides go to stage 2, `--sft` ones to stage 1.
+A stop signal (SIGTERM, Ctrl-C) during stage 1 ends the demo after stage 1's checkpoint: stage 2 needs the finished
+SFT model. Plain overrides go to stage 2, `--sft` ones to stage 1.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from srpo_fast.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EXIT_STOPPED = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
 
 
 def write_cold_start(out: Path, size: int, seed: int) -> Path:
@@ -52,19 +54,36 @@ def main(argv: list[str] | None = None) -> int:
                               [f"train.output_dir={out / 'sft'}", f"data.train_files=[{data}]", *args.sft])
         grpo_cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"model.path={out / 'sft' / 'final_model'}",
                                                            f"train.output_dir={out / 'grpo'}", *args.overrides])
+        if not sft_cfg.train.export_final:
+            raise ConfigError("--sft train.export_final=false: stage 2 starts from stage 1's exported model")
     except ConfigError as exc:
         print(f"config error: {exc}")
         return 2
+    from srpo_fast.train.__main__ import EXIT_NO_UPDATE, EXIT_STORAGE
     from srpo_fast.train.grpo import train_grpo
+    from srpo_fast.train.run import FINAL_MODEL, NoUpdateError
     from srpo_fast.train.sft import train_sft
+    from srpo_fast.utils.checkpoint import StorageError
     from srpo_fast.utils.distributed import cleanup, init_distributed
 
     init_distributed()
     try:
         print(f"[demo] stage 1: SFT on the cold-start set {data}")
-        train_sft(sft_cfg)
+        sft_dir = train_sft(sft_cfg)
+        if not (sft_dir / FINAL_MODEL).is_dir():  # stopped by a signal before its last step
+            print("[demo] stage 1 stopped before its end; stage 2 not started. Rerun the same command to resume.")
+            return EXIT_STOPPED
         print("[demo] stage 2: reflection-aware GRPO from the SFT model")
-        train_grpo(grpo_cfg)
+        grpo_dir = train_grpo(grpo_cfg)
+        if grpo_cfg.train.export_final and not (grpo_dir / FINAL_MODEL).is_dir():
+            print("[demo] stage 2 stopped before its end. Rerun the same command to resume.")
+            return EXIT_STOPPED
+    except NoUpdateError as exc:
+        print(f"[demo] error: {exc}")
+        return EXIT_NO_UPDATE
+    except StorageError as exc:
+        print(f"[demo] storage error: {exc.strerror or exc}")
+        return EXIT_STORAGE
     finally:
         cleanup()
     print(f"[demo] done: metrics in {out / 'sft' / 'metrics.jsonl'} and {out / 'grpo' / 'metrics.jsonl'}, "

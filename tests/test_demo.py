@@ -11,9 +11,11 @@ from srpo_fast.utils.metrics import read_metrics
 
 def test_demo_runs_both_stages_and_resumes(tmp_path):
     out = tmp_path / "demo"
+    # algo.filter_groups=false: 8 groups of 2 rarely hold mixed first answers, and a GRPO stage that never updates
+    # is an error (srpo_fast.train.run.NoUpdateError)
     cmd = [sys.executable, "-m", "srpo_fast.demo", "--out", str(out), "--sft", "data.synthetic_size=16",
            "--sft", "train.prompts_per_step=8", "--sft", "train.epochs=1", "train.max_steps=2", "data.val_size=3",
-           "rollout.n=2", "rollout.max_tokens=24", "log.progress=false"]
+           "rollout.n=2", "rollout.max_tokens=24", "log.progress=false", "algo.filter_groups=false"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 

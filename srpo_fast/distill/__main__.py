@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from srpo_fast.utils.redact import install_log_redaction, redact
+
 from .build import build_teacher, load_data
 from .config import load_distill_config, save_distill_config
 from .pipeline import run_distill
@@ -64,6 +66,7 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    install_log_redaction()
     args, extra = parse_args(argv)
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = run_distill(cfg, records, policy, teacher, progress=not args.no_progress)
     except TeacherAuthError as exc:
-        raise SystemExit(f"distill stopped: {exc}") from None
+        raise SystemExit(redact(f"distill stopped: {exc}")) from None
     print(json.dumps({k: summary[k] for k in ("done", "a1_right", "a1_wrong", "skipped", "pending")}),
           file=sys.stderr)
     return summary

@@ -14,8 +14,10 @@ def load_data(cfg: DistillConfig) -> tuple[list[dict], dict]:
     """(records, load report as a dict): the data files, else the synthetic task; `data.limit` keeps the first N."""
     d = cfg.data
     if d.files:
-        records, report = load_records(d.files, on_bad="skip")
+        records, report = load_records(d.files, on_bad="skip", allow_outside_paths=d.allow_outside_paths)
         info = {"loaded": report.loaded, "bad_rows": report.skipped, "bad_reasons": report.reasons}
+        if report.details:
+            info["bad_rows_first"] = report.details
     elif d.synthetic > 0:
         records = make_dataset(d.synthetic, seed=d.synthetic_seed, difficulty=d.synthetic_difficulty)
         info = {"synthetic": len(records)}
@@ -35,7 +37,8 @@ def build_teacher(cfg: DistillConfig, engine=None):
         return HTTPTeacher(t.url, t.model, api_key_env=t.api_key_env, multimodal=t.multimodal,
                            concurrency=t.concurrency, timeout_s=t.timeout_s, max_retries=t.max_retries,
                            backoff_s=t.backoff_s, backoff_max_s=t.backoff_max_s, temperature=t.temperature,
-                           max_tokens=t.max_tokens, seed=t.seed)
+                           max_tokens=t.max_tokens, seed=t.seed,
+                           max_reply_bytes=t.max_reply_bytes)
     settings = t.local
     if not settings.model:
         raise ValueError("a local teacher needs teacher.local.model (--teacher-local DIR)")

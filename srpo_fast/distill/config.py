@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from srpo_fast.config import ConfigError, EngineSettings, _one_of, _positive, load_sections, save_config
+from srpo_fast.config import (ConfigError, EngineSettings, _in_range, _non_negative, _one_of, _positive, check_pixels,
+                              load_sections, save_config)
 from srpo_fast.reward.config import RewardConfig
 
 
@@ -32,6 +33,9 @@ class LocalModel(EngineSettings):
         super().__post_init__()
         try:
             _positive("max_tokens", self.max_tokens)
+            _non_negative("temperature", self.temperature)
+            _in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+            check_pixels(None, self.min_pixels, self.max_pixels)
         except ConfigError as exc:
             raise ValueError(f"{type(self).__name__}.{exc}") from None
 
@@ -49,7 +53,8 @@ class TeacherConfig:
     api_key_env: str | None = None  # NAME of the env var holding the key (never the key itself)
     multimodal: bool = True  # send the images (data URLs / engine images); off for a text-only teacher
     concurrency: int = 8
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # total time per attempt (connect, headers and whole body), on its own clock
+    max_reply_bytes: int = 16 << 20  # a bigger reply is a counted reply_too_large failure, never read whole
     max_retries: int = 5
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
@@ -61,6 +66,13 @@ class TeacherConfig:
     def __post_init__(self):
         _one_of("teacher.kind", self.kind, ("http", "local"))
         _positive("teacher.concurrency", self.concurrency)
+        _positive("teacher.timeout_s", self.timeout_s)
+        _positive("teacher.max_reply_bytes", self.max_reply_bytes)
+        _positive("teacher.max_tokens", self.max_tokens)
+        _non_negative("teacher.temperature", self.temperature)
+        if self.backoff_s < 0 or self.backoff_max_s < 0:
+            raise ConfigError(f"teacher.backoff_s and backoff_max_s must be >= 0, got {self.backoff_s}, "
+                              f"{self.backoff_max_s}")
         if self.max_retries < 0:
             raise ConfigError(f"teacher.max_retries must be >= 0, got {self.max_retries}")
 
@@ -72,6 +84,7 @@ class DataSection:
     synthetic_seed: int = 0
     synthetic_difficulty: int = 1
     limit: int | None = None  # first N records only
+    allow_outside_paths: bool = False  # image paths may point outside the data directory (they are sent to the teacher)
 
 
 @dataclass

@@ -9,7 +9,8 @@
 reads the rows back. Every sample has a resume key (`record_key`: a hash of its content); a rerun skips keys that
 have a row or a final skip. Teacher failures are logged with final=false: counted, and tried again on a rerun.
 A line cut by a crash mid-write is dropped (and the file truncated to the last full line) when the folder is
-opened again.
+opened again. Every line and the summary pass through `redact` on the way out: a teacher that echoes the API key
+or an Authorization header (in an error body or in its reply) never gets it onto disk.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from srpo_fast.utils.redact import redact
 
 DATA_FILE = "data.jsonl"
 SKIP_FILE = "skipped.ndjson"
@@ -113,7 +116,7 @@ class OutputStore:
     def write_summary(self, summary: dict) -> Path:
         path = self.dir / SUMMARY_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(redact(json.dumps(summary, indent=2, sort_keys=True)) + "\n")
         os.replace(tmp, path)
         return path
 
@@ -122,6 +125,6 @@ class OutputStore:
         if not lines:
             return
         with path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
+            handle.write("".join(redact(line) + "\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())

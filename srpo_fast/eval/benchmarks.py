@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srpo_fast.data.files import inside
+
 IMAGE_PLACEHOLDER = "<image>"  # srpo_fast.data.records.IMAGE_PLACEHOLDER (not imported: that module imports PIL)
 LETTERS = "ABCDEFGHIJ"
 # "<image 1>", "<image1>", "<image_1>": the inline image references of MMMU(-Pro), MathVision and EMMA.
@@ -60,14 +62,16 @@ class EvalItem:
     precision: int | None = None  # MathVista floats: decimals to round to
     unit: str | None = None  # MathVista: the answer's unit, which a response may append
     base: Path = Path(".")  # where relative image paths resolve
+    root: Path | None = None  # image paths must stay inside it (the data directory); None: anywhere
 
     def load_images(self) -> list:
         """The images as RGB PIL images; raises RowError naming a missing or unreadable one."""
-        return [open_image(value, self.base) for value in self.images]
+        return [open_image(value, self.base, self.root) for value in self.images]
 
 
-def open_image(value: Any, base: Path = Path(".")):
-    """An HF image dict ({"bytes", "path"}; bytes may be base64 text in jsonl), a PIL image or a path → RGB PIL."""
+def open_image(value: Any, base: Path = Path("."), root: Path | None = None):
+    """An HF image dict ({"bytes", "path"}; bytes may be base64 text in jsonl), a PIL image or a path → RGB PIL.
+    A path that resolves outside `root` (when given) is refused."""
     from PIL import Image
 
     try:
@@ -85,6 +89,8 @@ def open_image(value: Any, base: Path = Path(".")):
         if isinstance(value, (str, Path)):
             path = Path(value)
             path = path if path.is_absolute() else base / path
+            if root is not None and not inside(path, root):
+                raise RowError("image path outside the data directory (--allow-outside-paths allows it)")
             if not path.is_file():
                 raise RowError(f"image not found: {path}")
             with Image.open(path) as image:
@@ -142,7 +148,7 @@ def _option_list(value: Any, key: str = "options") -> list[str]:
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise RowError(f"field {key!r} is not a list: {text[:80]!r}") from None
     if hasattr(value, "tolist"):  # numpy arrays from pandas-written parquet
         value = value.tolist()
@@ -364,4 +370,7 @@ def to_item(benchmark: str, row: dict, base: str | Path = ".") -> EvalItem:
     bench = get_benchmark(benchmark)
     if not isinstance(row, dict):
         raise RowError(f"a row must be a mapping, got {type(row).__name__}")
-    return bench.build(row, Path(base))
+    item = bench.build(row, Path(base))
+    if not item.answer.strip():  # nothing to score against: generating for it would only waste compute
+        raise RowError("empty 'answer'")
+    return item

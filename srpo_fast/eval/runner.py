@@ -12,6 +12,7 @@ be opened, prompts the engine rejects or finds too long.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ class EvalSettings(EngineSettings):
     gpu_memory_utilization: float = 0.8
     min_pixels: int | None = None
     max_pixels: int | None = None
+    allow_outside_paths: bool = False  # image paths in the data may point outside its directory
     engine_options: dict[str, Any] = field(default_factory=dict)  # further RolloutEngineConfig fields
 
     def __post_init__(self) -> None:
@@ -58,6 +60,12 @@ class EvalSettings(EngineSettings):
             raise ValueError(f"unknown prompt template {self.template!r}; known: {sorted(SYSTEM_PROMPTS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"max_tokens and limit must be >= 1, got {self.max_tokens}, {self.limit}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # a NaN fails this too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not Path(self.model).is_dir():
             raise FileNotFoundError(f"model dir not found: {self.model}")
         if not Path(self.data).exists():
@@ -151,7 +159,8 @@ def run_eval(settings: EvalSettings, *, progress: bool = True) -> dict:
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    items, stats = load_items(settings.benchmark, settings.data, limit=settings.limit)
+    items, stats = load_items(settings.benchmark, settings.data, limit=settings.limit,
+                              allow_outside_paths=settings.allow_outside_paths)
     path = results_path(out, settings.benchmark)
     done, unreadable = read_results(path)
     todo = [item for item in items if item.id not in done]

@@ -279,8 +279,8 @@ def export_hf_safetensors(model: nn.Module, out_dir: str | Path, *, processor=No
                 continue
             tensor = tensor.detach()
             tensors[names[key]] = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
+        remove_stale_exports(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if assets_from is not None:
             _copy_assets(Path(assets_from), tmp)
@@ -292,6 +292,18 @@ def export_hf_safetensors(model: nn.Module, out_dir: str | Path, *, processor=No
     del full
     _barrier()
     return out
+
+
+def remove_stale_exports(out: Path) -> None:
+    """Delete what killed exports into `out` left behind, whatever their pid: partial `.NAME.tmp-*` dirs, and
+    `.NAME.old-*` dirs once `out` itself exists (before that, an old one may be the only complete copy)."""
+    if not out.parent.is_dir():
+        return
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if out.is_dir():
+        for stale in out.parent.glob(f".{out.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _copy_assets(src: Path, dst: Path) -> None:

@@ -13,6 +13,38 @@ LENGTH_SHAPES = ("laplace", "gaussian")
 DEFAULT_LENGTH_SHAPE = {"srpo_paper": "laplace", "srpo_official": "gaussian"}
 
 
+CALL_KEYWORDS = ("config", "count_tokens", "count_tokens_batch", "response_lengths", "options", "device")
+
+
+def load_reward_function(path: str):
+    """The function a "package.module:function" preset names, checked to take score_batch's arguments
+    (responses, answers, *, config, count_tokens, count_tokens_batch, response_lengths, options, device);
+    ValueError naming what is wrong."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module's own code failing on import
+        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+                         ) from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {path!r}: {module_name} has no callable {attr!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward {path!r}: {fn!r} has no inspectable signature; a reward is a Python function "
+                         f"fn(responses, answers, *, config, ...)") from None
+    try:
+        signature.bind([], [], **dict.fromkeys(CALL_KEYWORDS))
+    except TypeError as exc:
+        raise ValueError(f"reward {path!r}: {attr}{signature} cannot take score_batch's arguments (responses, "
+                         f"answers, *, {', '.join(CALL_KEYWORDS)}): {exc}") from None
+    return fn
+
+
 @dataclass
 class RewardConfig:
     """Which reward, which of its terms, and how answers are graded.
@@ -52,6 +84,11 @@ class RewardConfig:
         if self.preset not in PRESETS and not FUNCTION_PATH.match(self.preset):
             raise ValueError(f"RewardConfig.preset: unknown reward {self.preset!r}; known: {sorted(PRESETS)} or "
                              "'package.module:function'")
+        if self.preset not in PRESETS:  # "module:function": import and check it now, not at the first step
+            try:
+                load_reward_function(self.preset)
+            except ValueError as exc:
+                raise ValueError(f"RewardConfig.preset: {exc}") from None
         for name in ("length_alpha", "target_ratio", "max_ratio", "grade_timeout_s", "rel_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -6,7 +6,8 @@ option text → its letter when options are given), numbers (thousands commas, d
 ``a/b``, ``\\frac{a}{b}``, percent, degrees, a trailing unit word, "x = …"; equal within ``rel_tol`` or after
 rounding to ``precision``) and normalized string equality. Two numbers that differ, and a letter gold against
 anything, are final. Everything else goes to math-verify (gold parsed first, then ``verify(gold, pred)``),
-deduplicated per batch; an item past ``grade_timeout_s`` scores wrong and is counted, never raised.
+deduplicated per batch (answers equal up to spacing and ``$``/``\\text`` wrappers are one job); an item past
+``grade_timeout_s`` scores wrong and is counted, never raised.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ _FRAC_RE = re.compile(rf"([+-]?)\\[dt]?frac\s*\{{\s*([+-]?)({_PLAIN_NUM})\s*\}}\
 _CHOICE_PREFIX_RE = re.compile(
     r"^(?i:(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*)")
 _GOLD_LETTER_RE = re.compile(r"^\(?([A-Z])\)?\.?$")
+_LOOSE_SPACE_RE = re.compile(r"\s+(?=[^A-Za-z0-9])|(?<=[^A-Za-z0-9\s])\s+")
 
 
 # ---------------------------------------------------------------- extraction and normalization
@@ -76,6 +78,12 @@ def _clean(text: str) -> str:
     text = _NOISE_RE.sub("", text).strip()
     m = _DELIM_RE.match(text)
     return m.group(1).strip() if m else text
+
+
+def job_key(text: str) -> str:
+    """What makes two answers one math-verify job: cleaned (no $, \\text, spacing commands, \\left/\\right) and
+    without the whitespace that LaTeX ignores (only a space between two letters or digits is kept: ``\\sin x``)."""
+    return _LOOSE_SPACE_RE.sub("", " ".join(_clean(text).split()))
 
 
 def normalize_text(text: str) -> str:
@@ -267,7 +275,8 @@ def grade_batch(preds: Sequence[str | None], golds: Sequence[str],
     gold_unparsable = [False] * n
     stats = GradeStats()
     gold_cache: dict[str, _Gold] = {}
-    jobs: dict[tuple[str, str | None], list[int]] = {}  # (gold, pred) → items waiting on it
+    jobs: dict[tuple[str, str | None], list[int]] = {}  # (gold, job_key(pred)) → items waiting on it
+    job_text: dict[tuple[str, str | None], str] = {}  # ... and the first answer text with that key
     gold_checks: dict[str, list[int]] = {}  # gold → items whose gold only math-verify can call parsable or not
     for i, (pred, gold) in enumerate(zip(preds, golds)):
         info = gold_cache.get(gold)
@@ -290,7 +299,9 @@ def grade_batch(preds: Sequence[str | None], golds: Sequence[str],
         elif not config.use_math_verify:
             method[i] = "undecided"
         else:
-            jobs.setdefault((info.text, text), []).append(i)
+            key = (info.text, job_key(text))
+            jobs.setdefault(key, []).append(i)
+            job_text.setdefault(key, text)
             stats.math_verify_items += 1
     golds_in_jobs = {gold for gold, _ in jobs}
     for gold in gold_checks:  # a (gold, pred) job reports the gold's parsability too; else ask for it alone
@@ -300,7 +311,8 @@ def grade_batch(preds: Sequence[str | None], golds: Sequence[str],
     if jobs:
         keys = list(jobs)
         t1 = time.perf_counter()
-        results = get_pool(config.num_workers).run(keys, config.grade_timeout_s)
+        results = get_pool(config.num_workers).run([(gold, job_text.get((gold, key), key)) for gold, key in keys],
+                                                   config.grade_timeout_s)
         stats.math_verify_s = time.perf_counter() - t1
         stats.math_verify_jobs = len(keys)
         gold_ok: dict[str, bool] = {}

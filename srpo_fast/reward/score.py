@@ -9,12 +9,11 @@ but the first two as keywords, and returns a RewardOutput::
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from srpo_fast.reward.config import PRESETS, RewardConfig
+from srpo_fast.reward.config import PRESETS, RewardConfig, load_reward_function
 from srpo_fast.reward.srpo import RewardOutput, score_preset
 
 
@@ -22,15 +21,7 @@ def reward_function(preset: str) -> Callable[..., RewardOutput]:
     """The reward behind a resolved preset name: a built-in composition, or a "module:function" import."""
     if preset in PRESETS.values():
         return functools.partial(score_preset, preset)
-    module_name, _, attr = preset.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {preset!r}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward {preset!r}: {module_name} has no callable {attr!r}")
-    return fn
+    return load_reward_function(preset)
 
 
 def _check_strings(name: str, values: Sequence[str]) -> None:

@@ -6,6 +6,9 @@ import sys
 
 from srpo_fast.config import ConfigError, load_config
 
+EXIT_NO_UPDATE = 3  # the run finished but never updated the model
+EXIT_STORAGE = 4  # a checkpoint, config or export could not be written (disk full, quota)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchrun -m srpo_fast.train",
@@ -18,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from srpo_fast.train.run import NoUpdateError
+    from srpo_fast.utils.checkpoint import StorageError
     from srpo_fast.utils.distributed import cleanup, init_distributed
 
     init_distributed()
@@ -30,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # a setting that only fails against the data or the world size
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except NoUpdateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_UPDATE
+    except StorageError as exc:
+        print(f"storage error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
         cleanup()
     print(f"[train] done: {out_dir}")

@@ -204,6 +204,7 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
                             "validate", 0.0)),
                         "data/epoch": float(order.epoch_of(step)), "data/bad_records": totals["bad_records"]})
         metrics.update(device_memory(run.device))
+        run.count_updates(metrics)
         run.logger.log(step, metrics)
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['acc/final']:.2f}")

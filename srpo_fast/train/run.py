@@ -4,7 +4,12 @@ checkpoints, metrics on the main rank, and the final export.
 Resume needs no data-loader state: the order of records is a pure function of (seed, epoch), and step k always
 takes the same slice of it, so the checkpoint's step number is the loader position. Every `train.save_every` steps
 (and at the end) a DCP checkpoint is written atomically (utils/checkpoint.py); with `train.resume` a restarted run
-continues from the newest complete one, and metrics logged after it are dropped, so no step is counted twice.
+continues from the newest complete one, and metrics logged after it are dropped, so no step is counted twice
+(a run killed before its first checkpoint starts its metrics afresh). Leftovers of killed saves and exports, of any
+process, are cleaned before the run writes anything, so a rerun on a disk that filled up can free the space first.
+
+A run that ends without a single optimizer update (every group filtered, every gradient non-finite, ...) has not
+trained anything: it raises `NoUpdateError` rather than exporting the unchanged model as if it had.
 """
 from __future__ import annotations
 
@@ -21,13 +26,19 @@ from torch import nn
 from srpo_fast.config import Config, config_to_dict, save_config
 from srpo_fast.models import build_lr_scheduler, build_optimizer, clip_grad_norm, load_policy, shard_model
 from srpo_fast.models.sharded_loading import load_sharded_policy
-from srpo_fast.utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from srpo_fast.models.weights import remove_stale_exports
+from srpo_fast.utils.checkpoint import (clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                       storage_error)
 from srpo_fast.utils.distributed import (all_reduce_dict, barrier, default_device, is_main, rank, seed_everything,
                                          world_size)
 from srpo_fast.utils.metrics import MetricsLogger
 
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final_model"
+
+
+class NoUpdateError(RuntimeError):
+    """The run finished its steps without one optimizer update: the model is unchanged."""
 
 
 def resolve_model_path(cfg: Config) -> Path:
@@ -54,9 +65,10 @@ def load_train_records(cfg: Config) -> list[dict]:
         return make_dataset(cfg.data.synthetic_size, seed=cfg.train.seed, difficulty=cfg.data.synthetic_difficulty)
     from srpo_fast.data.records import load_records
 
-    records, report = load_records(cfg.data.train_files, lazy_images=True)
+    records, report = load_records(cfg.data.train_files, lazy_images=True,
+                                   allow_outside_paths=cfg.data.allow_outside_paths)
     if report.skipped and is_main():
-        print(f"[data] skipped {report.skipped} bad records of {report.skipped + len(records)}: {report.reasons}")
+        print(f"[data] {report.describe()}")
     if not records:
         raise ValueError(f"no usable records in {cfg.data.train_files}")
     return records
@@ -237,6 +249,7 @@ class Run:
     last_saved: int = -1
     stop_signal: StopSignal | None = None  # start_run installs one
     stopped_early: bool = False
+    updates: int | None = 0  # optimizer updates applied since step 0 (count_updates; kept in checkpoints)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -256,8 +269,15 @@ class Run:
     def save(self, step: int) -> None:
         """Collective: a complete checkpoint for `step` (model, optimizer, scheduler, RNG), atomically."""
         save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
-                        scheduler=self.scheduler, extra={"step": step}, keep_last=self.cfg.train.keep_last)
+                        scheduler=self.scheduler, extra={"step": step, "updates": self.updates},
+                        keep_last=self.cfg.train.keep_last)
         self.last_saved = step
+
+    def count_updates(self, metrics: dict) -> None:
+        """Add a step's applied optimizer updates (its reduced metrics: the same number on every rank)."""
+        steps = metrics.get("train/optimizer_steps", 1.0 if "train/lr" in metrics else 0.0)
+        if self.updates is not None:
+            self.updates += int(steps - metrics.get("train/skipped_updates", 0.0))
 
     def maybe_save(self, step: int) -> None:
         if step % self.cfg.train.save_every == 0 or step == self.total_steps:
@@ -283,9 +303,21 @@ class Run:
         return self.out_dir
 
     def finish(self, processor=None) -> Path:
-        """Final checkpoint (when the last step has none yet), the exported HF model, plots. Collective."""
+        """Final checkpoint (when the last step has none yet), the exported HF model, plots. Collective. Raises
+        NoUpdateError (after the checkpoint and the metrics) when no step of the run ever updated the model
+        (a rerun of such a run raises again: the count travels in the checkpoints)."""
         if self.last_saved != self.total_steps and self.start_step < self.total_steps:
             self.save(self.total_steps)
+        if self.updates == 0 and self.total_steps > 0:  # None: resumed from a checkpoint that did not count them
+            self.logger.close()
+            if self.stop_signal is not None:
+                self.stop_signal.restore()
+            barrier()
+            raise NoUpdateError(
+                f"NO UPDATE: all {self.total_steps} steps ended without a single optimizer update, so the model is "
+                f"unchanged and nothing was exported. Look at groups/kept_frac (every group filtered by "
+                f"algo.filter_low/filter_high?), train/items, train/overlong_skipped and train/skipped_updates in "
+                f"{self.out_dir / 'metrics.jsonl'}")
         if self.cfg.train.export_final:
             from srpo_fast.models import export_hf_safetensors
 
@@ -326,8 +358,13 @@ def start_run(cfg: Config, plan: TrainPlan) -> Run:
     out_dir = Path(cfg.train.output_dir)
     if is_main():
         print(plan.describe(), flush=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial(out_dir / CHECKPOINTS)  # first: a killed save's partial dir may be what filled the disk
+            remove_stale_exports((out_dir / FINAL_MODEL).resolve())
+            save_config(cfg, out_dir / "config.yaml")
+        except OSError as exc:
+            raise storage_error(exc, out_dir, "the run's config") from exc
     barrier()
     seed_everything(cfg.train.seed)  # identical init and data order everywhere; sampling seeds differ per rank
     model_path = resolve_model_path(cfg)
@@ -343,20 +380,21 @@ def start_run(cfg: Config, plan: TrainPlan) -> Run:
     scheduler = build_lr_scheduler(optimizer, total_steps=max(1, plan.optimizer_steps),
                                    warmup_ratio=cfg.train.warmup_ratio, schedule=cfg.train.lr_schedule,
                                    min_lr_ratio=cfg.train.min_lr_ratio)
-    start = 0
+    start, updates = 0, 0
     checkpoint = latest_checkpoint(out_dir / CHECKPOINTS) if cfg.train.resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        start = int(state["step"])
+        start, updates = int(state["step"]), state["extra"].get("updates")
         if is_main():
             print(f"[train] resumed from {checkpoint} (step {start})")
     elif latest_checkpoint(out_dir / CHECKPOINTS) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints and train.resume=false: set train.resume=true "
                               "to continue that run, or pick a new train.output_dir")
     logger = MetricsLogger(out_dir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project,
-                           enabled=is_main() and cfg.log.jsonl, resume_from_step=start,
+                           enabled=is_main() and cfg.log.jsonl,
+                           resume_from_step=start if checkpoint is not None else -1,  # no checkpoint: all redone
                            config=config_to_dict(cfg))
     return Run(cfg=cfg, out_dir=out_dir, model_path=model_path, device=device, model=model, optimizer=optimizer,
                scheduler=scheduler, logger=logger, start_step=start, total_steps=plan.steps,
-               last_saved=start if checkpoint is not None else -1, stop_signal=StopSignal())
+               last_saved=start if checkpoint is not None else -1, stop_signal=StopSignal(), updates=updates)
 

@@ -109,6 +109,7 @@ def train_sft(cfg: Config) -> Path:
         metrics.update({"timing/step_s": step_s, "data/epoch": float(order.epoch_of(step)),
                         "perf/tokens_per_s": metrics.get("train/tokens", 0.0) / step_s})
         metrics.update(device_memory(run.device))
+        run.count_updates(metrics)
         run.logger.log(step, metrics)
         progress.update(1)
         if "loss/nll" in metrics:

@@ -25,9 +25,10 @@ def load_val_records(cfg: Config) -> list[dict]:
     if cfg.data.val_files:
         from srpo_fast.data.records import load_records
 
-        records, report = load_records(cfg.data.val_files, lazy_images=True)
+        records, report = load_records(cfg.data.val_files, lazy_images=True,
+                                       allow_outside_paths=cfg.data.allow_outside_paths)
         if report.skipped and rank() == 0:
-            print(f"[val] skipped {report.skipped} bad validation records: {report.reasons}")
+            print(f"[val] validation records {report.describe()}")
         if not records:
             raise ValueError(f"no usable records in data.val_files={cfg.data.val_files}")
     else:

@@ -5,13 +5,16 @@ Layout of ROOT/step_00000120/:
     rank_00000.pt    per rank: RNG states (python, numpy, torch, CUDA), LR scheduler, the caller's `extra` dict
     meta.json        step and world size; written last
 A checkpoint is built in ROOT/.tmp_step_00000120/ and renamed into place only when every rank has finished, so a
-crash or kill mid-save leaves at worst a `.tmp_*` dir that `latest_checkpoint` ignores and the next save deletes.
+crash or kill mid-save leaves at worst a `.tmp_*` dir that `latest_checkpoint` ignores and that `clean_partial`
+(at the next start-up, before anything else is written) or the next save deletes. A write that fails (a full disk,
+a quota) deletes its partial dir at once and raises `StorageError`: one line naming the path and the free space.
 Every rank must call `save_checkpoint` / `load_checkpoint` (DCP is collective); ROOT must be on a filesystem all
 ranks share. Works the same in a plain one-process run, with or without a process group.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -26,16 +29,71 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from srpo_fast.utils.distributed import barrier, rank, world_size
+from srpo_fast.utils.distributed import all_reduce_dict, barrier, rank, world_size
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _META = "meta.json"
 _FORMAT = 1
+
+
+class StorageError(OSError):
+    """A checkpoint, config or export could not be written (disk full, quota, read-only): the message is one line
+    with the path and the free space; the partial files are already gone."""
+
+
+def _free_space(path: Path) -> str:
+    for candidate in (path, *path.parents):
+        try:
+            usage = shutil.disk_usage(candidate)
+        except OSError:
+            continue
+        return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.1f} GiB"
+    return "free space unknown"
+
+
+def storage_error(exc: BaseException, path: str | Path, what: str) -> StorageError:
+    """A StorageError for `exc` (found in its cause chain when wrapped, e.g. by DCP) while writing `what` at `path`."""
+    path = Path(path)
+    found, seen = exc, set()
+    while found is not None and not isinstance(found, OSError) and id(found) not in seen:
+        seen.add(id(found))
+        wrapped = [f[0] if isinstance(f, tuple) else f for f in getattr(found, "failures", {}).values()]
+        found = found.__cause__ or found.__context__ or next(
+            (e for e in wrapped if isinstance(e, BaseException)), None)
+    if isinstance(found, OSError) and found.errno is not None:
+        reason = f"{errno.errorcode.get(found.errno, found.errno)} {found.strerror}"
+    else:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    code = found.errno if isinstance(found, OSError) else None
+    return StorageError(code, f"could not write {what} at {path}: {reason} ({_free_space(path)})")
+
+
+def clean_partial(root: str | Path) -> list[Path]:
+    """Start-up clean-up under a checkpoint root, for leftovers of any earlier process: partial `.tmp_step_*`
+    dirs are deleted; a `.old_step_*` dir (a save killed between its two renames) is put back when its step has no
+    complete checkpoint, else deleted. Returns what was removed. Main rank only; call before writing anything."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for stale in sorted(root.glob(".tmp_step_*")):
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    for old in sorted(root.glob(".old_step_*")):
+        final = root / old.name[len(".old_"):]
+        if (final / _META).is_file() or not (old / _META).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+    return removed
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -137,24 +195,35 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module,
     root = Path(root)
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp_{final.name}"
+    error: BaseException | None = None
     if rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left behind by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    with _single_process_quiet():
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
-    rank_state = {"rng": _rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                  "extra": extra}
-    torch.save(rank_state, tmp / f"rank_{rank():05d}.pt")
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            clean_partial(root)  # left behind by a save that was killed
+            tmp.mkdir()
+        except OSError as exc:
+            error = exc
+    _raise_if_any_failed(error, tmp, root, step)
+    try:
+        with _single_process_quiet():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=tmp / "dcp", no_dist=not dist.is_initialized())
+        rank_state = {"rng": _rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                      "extra": extra}
+        torch.save(rank_state, tmp / f"rank_{rank():05d}.pt")
+    except (Exception, CheckpointException) as exc:  # OSError, or DCP's wrapper (a BaseException) around one
+        error = exc
+    _raise_if_any_failed(error, tmp, root, step)
     if rank() == 0:
-        meta = tmp / _META
-        with open(meta, "w") as f:
-            json.dump({"format": _FORMAT, "step": step, "world_size": world_size()}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            meta = tmp / _META
+            with open(meta, "w") as f:
+                json.dump({"format": _FORMAT, "step": step, "world_size": world_size()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            error = exc
+    _raise_if_any_failed(error, tmp, root, step)
+    if rank() == 0:
         old = root / f".old_{final.name}"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -166,6 +235,23 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module,
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
     return final
+
+
+def _raise_if_any_failed(error: BaseException | None, tmp: Path, root: Path, step: int) -> None:
+    """Collective: when any rank failed to write, every rank raises StorageError (no rank is left waiting in the
+    next barrier) after rank 0 deleted the partial checkpoint."""
+    failed = error is not None
+    if dist.is_initialized():
+        failed = all_reduce_dict({"failed": float(failed)}, op="max")["failed"] > 0
+    if not failed:
+        return
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    if error is None:
+        raise StorageError(None, f"checkpoint step {step} under {root}: another rank could not write its part "
+                                 f"({_free_space(root)})")
+    raise storage_error(error, tmp, f"checkpoint step {step}") from error
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

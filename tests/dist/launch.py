@@ -16,6 +16,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 _RESULTS: dict[str, dict | AssertionError] = {}  # a failed launch is cached too: one run per session
 
+TORCHRUN = [sys.executable, str(HERE / "loopback_run.py"), "--standalone"]  # torchrun, stores on 127.0.0.1 only
+
 
 # A rare abort of a rank's process on this platform (2 shared cores, gloo): std::terminate from a c10d/gloo
 # thread, seen in ~1 of 30 launches, never reproduced under a debugger, unrelated to what the worker computes.
@@ -39,8 +41,7 @@ def _torchrun_once(script: Path, args: list[str], nproc: int, timeout_s: float,
     paths = [str(REPO), *map(str, pythonpath), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           *args]
+    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", str(script), *args]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -1,9 +1,10 @@
-"""End to end on the tiny VL kit with the synthetic task: a tiny policy trained here to answer in the think/answer
-format (so a1 is sometimes right, sometimes wrong, sometimes malformed), the HTTP teacher server from
-test_distill_http, the CLI in-process. Output rows load back with load_records and every response is a valid
-five-block SRPO response whose final answer grades correct; a run stopped mid-way (auth failure) plus a torn last
-line resumes without duplicates to the same rows as an uninterrupted run; teacher failures are counted and retried
-on the next run; the key never reaches the outputs. The local teacher on HFEngine and, with vLLM, the vLLM policy."""
+"""End to end on the tiny VL kit with the synthetic task: a tiny policy trained here to recite set think/answer
+responses for the CLI's own records (so a1 is right for some, wrong for others, truncated for one), the HTTP teacher
+server from test_distill_http, the CLI in-process. Output rows load back with load_records and every response is a
+valid five-block SRPO response whose final answer grades correct; a run stopped mid-way (auth failure) plus a torn
+last line resumes without duplicates to the same rows as an uninterrupted run; teacher failures are counted and
+retried on the next run; the key never reaches the outputs. The local teacher on HFEngine and, with vLLM, the vLLM
+policy."""
 from __future__ import annotations
 
 import json
@@ -27,11 +28,17 @@ N = 8
 TRAINED = {"count": ("I count the shapes of that color.", "\\boxed{2}"),
            "add": ("I add the two numbers.", "\\boxed{7}"), "compare": ("I compare the two sizes.", "A"),
            "color": ("I look at the shape's color.", "B")}
+RAMBLES = 5  # this record's a1 is trained to ramble past policy.max_tokens: a counted a1_truncated skip
+RAMBLE = "<think>" + "I add the two numbers, then I add them again. " * 5
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tiny_kit, tmp_path_factory):
-    """The tiny VL model fine-tuned (15 Adam steps, ~5 s) to answer the r1 prompt in the think/answer format."""
+    """The tiny VL model fine-tuned (15 Adam steps, ~5 s) to answer the r1 prompt in the think/answer format.
+
+    It is trained on the very records the CLI runs (`--synthetic N`: seed 0), so it recites TRAINED for each of
+    them. Trained on other images it would have to generalise, and what a 15-step model says about images it never
+    saw turns with float rounding (thread count, CPU): the a1 right/wrong split would be luck, not a fixture."""
     from transformers import AutoModelForImageTextToText
 
     from srpo_fast.models.processor import load_processor
@@ -41,10 +48,10 @@ def policy_dir(tiny_kit, tmp_path_factory):
     shutil.copytree(tiny_kit["vl"], out)
     builder = PromptBuilder(load_processor(out), max_images=1)
     rows = []
-    for i, r in enumerate(make_dataset(8, seed=11)):
+    records = make_dataset(N, seed=0)
+    for i, r in enumerate(records):
         prompt = builder.prepare(i, RolloutRequest(messages=build_messages(r, "r1"), images=r["images"]))
-        think, answer = TRAINED[r["task"]]
-        target = builder.tokenizer(f"<think>{think}</think><answer>{answer}</answer><|im_end|>",
+        target = builder.tokenizer(trained_response(r) + "<|im_end|>",
                                    add_special_tokens=False)["input_ids"]
         rows.append((prompt, target))
     width = max(len(p.prompt_ids) + len(t) for p, t in rows)
@@ -69,7 +76,29 @@ def policy_dir(tiny_kit, tmp_path_factory):
         opt.step()
     assert loss.item() < 0.05
     model.save_pretrained(out)
+    # the premise of every test below: greedy decoding through our engine gives back what was trained
+    engine = HFEngine(RolloutEngineConfig(model=out, dtype="float32", max_model_len=512))
+    said = engine.generate([RolloutRequest(messages=build_messages(r, "r1"), images=r["images"]) for r in records],
+                           SamplingConfig(temperature=0.0, max_tokens=32))
+    assert said.samples[RAMBLES].finish_reason == "length" and "</think>" not in said.samples[RAMBLES].response_text
+    assert [s.response_text for i, s in enumerate(said) if i != RAMBLES] == [
+        trained_response(r) for i, r in enumerate(records) if i != RAMBLES]
     return out
+
+
+def trained_response(record):
+    if record["id"].endswith(f"-{RAMBLES}"):
+        return RAMBLE
+    think, answer = TRAINED[record["task"]]
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def expected_a1_right():
+    """How many of the CLI's records the trained answers get right (graded as the pipeline grades them)."""
+    records = make_dataset(N, seed=0)
+    del records[RAMBLES]
+    answers = [parse_response(trained_response(r)).first_answer for r in records]
+    return sum(grade_batch(answers, [r["answer"] for r in records], [r.get("options") for r in records]).correct)
 
 
 def cli(policy_dir, server, out, *extra, engine="hf"):
@@ -125,7 +154,8 @@ def test_end_to_end_rows_are_valid_srpo_targets(clean_run):
     records = check_rows(out, summary)
     assert summary["pending"] == 0 and summary["records"] == N
     assert summary["done"] + sum(summary["skipped"].values()) == N
-    assert summary["a1_right"] > 0 and summary["a1_wrong"] > 0  # both templates exercised
+    assert summary["skipped"] == {"a1_truncated": 1}
+    assert 0 < summary["a1_right"] == expected_a1_right() < N - 1 == summary["done"]  # both templates exercised
     assert summary["right_fraction"] == round(summary["a1_right"] / summary["done"], 4)
     assert summary["this_run"]["teacher"]["retries"] == 2 and summary["this_run"]["teacher"]["failures"] == {}
     assert summary == json.loads((out / "summary.json").read_text())

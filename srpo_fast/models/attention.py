@@ -96,16 +96,20 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _segments_sdpa(q, k, v, cu: torch.Tensor, scale, dropout: float, causal: bool) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]; one SDPA call per sequence (no cross-sequence mask at all)."""
+    """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]; one SDPA call per sequence (no cross-sequence mask at all).
+
+    Each segment goes in as a 4-D [1, H, L, D] batch: torch's CPU SDPA picks its flash kernel only for 4-D inputs
+    and runs 3-D ones through the math kernel (3-4x slower forward+backward, and O(L^2) memory)."""
     bounds = cu.tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal, scale=scale,
-                                                   enable_gqa=gqa).transpose(0, 1))
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 

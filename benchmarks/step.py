@@ -14,6 +14,9 @@ bf16 dense) unless --peak-tflops is given. Padding waste avoided = padded tokens
 
   python benchmarks/step.py                       # CUDA: Qwen2.5-VL-3B / 7B text shapes, random bf16 weights, GC on
   python benchmarks/step.py --smoke --out X.json  # CPU: the tiny kit's text model (what the test runs)
+  python benchmarks/step.py --scaling             # CPU: tiny text model, full-length mix, 2k -> 32k real tokens
+The scaling run reports cost per real token (us) per step size for both variants, and its spread (largest / smallest
+across sizes): a packed path that grows super-linearly with the step size shows there, not in one number.
 """
 from __future__ import annotations
 
@@ -232,6 +235,48 @@ def smoke(args) -> dict:
             "results": results}
 
 
+def samples_for(tokens: int, seed: int, vocab: int) -> list[Sample]:
+    """Samples from the full-length mix, added until they hold at least `tokens` real tokens."""
+    lengths = []
+    for p, r in sample_lengths(100_000, seed):
+        lengths.append((p, r))
+        if sum(a + b for a, b in lengths) >= tokens:
+            break
+    return make_samples(lengths, vocab, seed)
+
+
+def scaling(args) -> dict:
+    """Cost per real token across step sizes on CPU (tiny kit's text model, full-length mix): flat means linear."""
+    from srpo_fast.models import load_policy
+    from srpo_fast.tiny import ensure_tiny_kit
+
+    device = torch.device("cpu")
+    kit = ensure_tiny_kit(Path(tempfile.mkdtemp(prefix="step_kit_")), seed=0)
+    model = load_policy(kit["text"], dtype=torch.float32, gradient_checkpointing=True)
+    max_tokens = args.max_tokens or 4096
+    results = {}
+    for size in args.sizes:
+        samples = samples_for(size, args.seed, model.config.vocab_size)
+        result = run_model(f"tokens_{size}", model, samples, max_tokens, device, args, None)
+        for variant in ("packed", "padded"):
+            if "tokens_per_s" in result[variant]:
+                result[variant]["us_per_real_token"] = 1e6 / result[variant]["tokens_per_s"]
+        if "speedup" in result:
+            result["packed_over_padded_time"] = 1.0 / result["speedup"]
+        results[str(size)] = result
+    spread = {}
+    for variant in ("packed", "padded"):
+        costs = [r[variant]["us_per_real_token"] for r in results.values() if "us_per_real_token" in r[variant]]
+        if costs:
+            spread[variant] = {"us_per_real_token": costs, "max_over_min": max(costs) / min(costs)}
+    print("cost per real token (us): " + "; ".join(
+        f"{v} " + " ".join(f"{c:.1f}" for c in d["us_per_real_token"]) + f" (max/min {d['max_over_min']:.2f})"
+        for v, d in spread.items()), flush=True)
+    return {"smoke": False, "scaling": True, "device": "cpu", "sizes": args.sizes,
+            "max_tokens_per_microbatch": max_tokens, "gradient_checkpointing": True, "results": results,
+            "cost_spread": spread}
+
+
 def full(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("the full run needs CUDA; use --smoke on CPU")
@@ -262,10 +307,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scaling", action="store_true", help="CPU: cost per real token across --sizes")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096, 8192, 16384, 32768],
+                        help="real tokens per step for --scaling")
     args = parser.parse_args(argv)
     args.iters = args.iters or (1 if args.smoke else 3)
-    data = smoke(args) if args.smoke else full(args)
-    path = write_results("step_smoke" if args.smoke else "step", data, args.out)
+    data = scaling(args) if args.scaling else smoke(args) if args.smoke else full(args)
+    name = "step_scaling" if args.scaling else "step_smoke" if args.smoke else "step"
+    path = write_results(name, data, args.out)
     measured = {k: r for k, r in data["results"].items() if "tokens_per_s" in r["packed"]
                 and "tokens_per_s" in r["padded"]}
     plot_bars(path.with_suffix(".png"), [

@@ -150,10 +150,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          f"{kwargs['sliding_window']}); use attn_implementation='sdpa' for this model")
     batch, _, q_len, _ = query.shape
     if attention_mask is not None or key.shape[2] != q_len:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return _padded_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     cu = kwargs.get("cu_seq_lens_q")
@@ -183,6 +180,24 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             max_len = int((cu[1:] - cu[:-1]).max())
         out = _VARLEN_IMPLS[backend](q, k, v, cu, int(max_len), scaling, dropout, causal)
     return out.reshape(batch, q_len, out.shape[1], out.shape[2]), None
+
+
+def _padded_sdpa(module, query, key, value, attention_mask, scaling, dropout: float, **kwargs):
+    """Padded batches and KV-cache steps. On CPU with a mask and grouped-query heads, SDPA runs the groups itself
+    (`enable_gqa`, its flash kernel takes the mask): transformers' SDPA function copies K/V once per group there
+    (it keeps masked GQA off because CUDA would fall back to the math kernel), which in left-padded generation is
+    a copy of the whole cache per layer and step. Everything else: transformers' own SDPA function."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.device.type == "cpu" and attention_mask is not None and groups > 1 and
+            kwargs.get("position_bias") is None and kwargs.get("cache") is None):
+        dropout = dropout if module.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
 
 
 def _varlen_mask(*args, **kwargs):

@@ -211,7 +211,6 @@ def run_worker(name: str, args, kit: Path, work: Path, timeout_s: float) -> dict
 
 
 def driver(args) -> dict:
-    from benchmarks._common import write_results
     from srpo_fast.tiny import ensure_tiny_kit
 
     work = Path(tempfile.mkdtemp(prefix="e2e_"))
@@ -221,6 +220,13 @@ def driver(args) -> dict:
         order = args.frameworks[round_ % len(args.frameworks):] + args.frameworks[:round_ % len(args.frameworks)]
         for name in order:
             runs[name].append(run_worker(name, args, kit, work / f"r{round_}", args.timeout_s))
+        data = report(args, runs, rounds=round_ + 1)  # rewritten after every round: a cut-short run keeps its rounds
+    return data
+
+
+def report(args, runs: dict[str, list[dict]], rounds: int) -> dict:
+    from benchmarks._common import write_results
+
     summary = {name: {"label": LABELS[name], **summarize(rs)} for name, rs in runs.items()}
     ratios = {}
 
@@ -236,7 +242,7 @@ def driver(args) -> dict:
             "omp_num_threads": args.threads or os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_end": os.getloadavg(),
             "work": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens, "steps": args.steps,
-                     "repeats": args.repeats, "temperature": 1.0, "optimizer": "AdamW", "model": "tiny Qwen2.5-VL"},
+                     "repeats": rounds, "temperature": 1.0, "optimizer": "AdamW", "model": "tiny Qwen2.5-VL"},
             "summary": summary, "ratios": ratios, "runs": runs}
     for name, s in summary.items():
         if "step_s" in s:

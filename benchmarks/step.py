@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,10 @@ from srpo_fast.models import (backbone, output_head, packed_token_logprobs, regi
 from srpo_fast.train.batches import pack_planned, plan_rank_microbatches  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
+# CPU step timing: wall time, or the process's CPU time (--clock cpu: the work itself, what a shared, oversubscribed
+# machine cannot inflate; with one thread (OMP_NUM_THREADS=1) it is the single core's compute time)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
 # Qwen2.5-VL-3B/7B-Instruct language-model shapes (config.json of the released models)
 CONFIGS = {
     "qwen2_5_vl_3b_text": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -148,7 +153,8 @@ def measure(label: str, step, setup, device, warmup: int, iters: int, flops: flo
             peak_flops: float | None) -> dict:
     try:
         logp_sum = step(setup())
-        times = timeit(lambda arg: step(arg), device=device, setup=setup, warmup=max(0, warmup - 1), iters=iters)
+        times = timeit(lambda arg: step(arg), device=device, setup=setup, warmup=max(0, warmup - 1), iters=iters,
+                       clock=CLOCKS[CLOCK])
         peak = peak_memory_bytes(lambda: step(setup()), device=device)
     except RuntimeError as exc:
         if not is_oom(exc):
@@ -272,7 +278,8 @@ def scaling(args) -> dict:
     print("cost per real token (us): " + "; ".join(
         f"{v} " + " ".join(f"{c:.1f}" for c in d["us_per_real_token"]) + f" (max/min {d['max_over_min']:.2f})"
         for v, d in spread.items()), flush=True)
-    return {"smoke": False, "scaling": True, "device": "cpu", "sizes": args.sizes,
+    return {"smoke": False, "scaling": True, "device": "cpu", "sizes": args.sizes, "clock": CLOCK,
+            "torch_threads": torch.get_num_threads(),
             "max_tokens_per_microbatch": max_tokens, "gradient_checkpointing": True, "results": results,
             "cost_spread": spread}
 
@@ -310,7 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling", action="store_true", help="CPU: cost per real token across --sizes")
     parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096, 8192, 16384, 32768],
                         help="real tokens per step for --scaling")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="CPU: wall or process CPU time")
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = args.clock
     args.iters = args.iters or (1 if args.smoke else 3)
     data = scaling(args) if args.scaling else smoke(args) if args.smoke else full(args)
     name = "step_scaling" if args.scaling else "step_smoke" if args.smoke else "step"

@@ -244,7 +244,7 @@ def report(args, runs: dict[str, list[dict]], rounds: int) -> dict:
             "work": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens, "steps": args.steps,
                      "repeats": rounds, "temperature": 1.0, "optimizer": "AdamW", "model": "tiny Qwen2.5-VL"},
             "summary": summary, "ratios": ratios, "runs": runs}
-    for name, s in summary.items():
+    for s in summary.values():
         if "step_s" in s:
             print(f"{s['label']:32s} {s['step_s']['median']:7.2f} s/step [{s['step_s']['min']:.2f}, "
                   f"{s['step_s']['max']:.2f}]  gen {s['generation_s']['median']:6.2f} s  "

@@ -397,7 +397,7 @@ class VLLMEngine:
         return WeightSyncStats(tensors=stream.tensors, bytes=stream.bytes, seconds=time.perf_counter() - start,
                                method=self.sync_method)
 
-    def _load_stream(self, stream: "_TrackedStream") -> None:
+    def _load_stream(self, stream: _TrackedStream) -> None:
         if self.sync_method == "reload":
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(stream)))
         else:

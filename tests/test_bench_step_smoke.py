@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,6 +40,7 @@ def test_step_benchmark_smoke(tmp_path):
     assert math.isclose(result["speedup"], packed["tokens_per_s"] / padded["tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_step_benchmark_scaling_reports_cost_per_real_token(tmp_path):
     """--scaling: one run per step size on the full-length mix; cost per real token per variant and its spread."""
     out = tmp_path / "scaling.json"

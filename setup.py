@@ -29,7 +29,7 @@ setup(
         "gpu": ["vllm==0.33.0", "nvidia-ml-py==13.615.71"],
         # DeepSpeed only for its CPU Adam op (train.offload_optimizer=deepspeed_cpu_adam); compiles it on first use
         "offload": ["deepspeed==0.19.8"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "trl==1.16.0"],
         # nvidia-ml-py: the telemetry tests check their fake NVML against the real module (pure Python, no driver)
         "test": ["pytest>=8", "hypothesis", "triton>=3.6", "pytest-timeout", "nvidia-ml-py==13.615.71",
                  "ruff==0.17.6"],

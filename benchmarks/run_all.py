@@ -21,7 +21,7 @@ from benchmarks._common import environment  # noqa: E402
 
 # name -> extra args on a full run (the smoke run passes --smoke alone); kernels first: the product's core;
 # compile needs no GPU (it builds every kernel variant for sm_90/sm_80 and reads the SASS)
-BENCHMARKS = {"kernels": [], "compile": [], "step": [], "weight_sync": [], "reward": []}
+BENCHMARKS = {"kernels": [], "compile": [], "step": [], "weight_sync": [], "reward": [], "e2e": []}
 
 
 def _text(output: bytes | str | None) -> str:

@@ -14,6 +14,9 @@ bf16 dense) unless --peak-tflops is given. Padding waste avoided = padded tokens
 
   python benchmarks/step.py                       # CUDA: Qwen2.5-VL-3B / 7B text shapes, random bf16 weights, GC on
   python benchmarks/step.py --smoke --out X.json  # CPU: the tiny kit's text model (what the test runs)
+  python benchmarks/step.py --scaling             # CPU: tiny text model, full-length mix, 2k -> 32k real tokens
+The scaling run reports cost per real token (us) per step size for both variants, and its spread (largest / smallest
+across sizes): a packed path that grows super-linearly with the step size shows there, not in one number.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import math
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +40,10 @@ from srpo_fast.models import (backbone, output_head, packed_token_logprobs, regi
 from srpo_fast.train.batches import pack_planned, plan_rank_microbatches  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
+# CPU step timing: wall time, or the process's CPU time (--clock cpu: the work itself, what a shared, oversubscribed
+# machine cannot inflate; with one thread (OMP_NUM_THREADS=1) it is the single core's compute time)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
 # Qwen2.5-VL-3B/7B-Instruct language-model shapes (config.json of the released models)
 CONFIGS = {
     "qwen2_5_vl_3b_text": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -145,7 +153,8 @@ def measure(label: str, step, setup, device, warmup: int, iters: int, flops: flo
             peak_flops: float | None) -> dict:
     try:
         logp_sum = step(setup())
-        times = timeit(lambda arg: step(arg), device=device, setup=setup, warmup=max(0, warmup - 1), iters=iters)
+        times = timeit(lambda arg: step(arg), device=device, setup=setup, warmup=max(0, warmup - 1), iters=iters,
+                       clock=CLOCKS[CLOCK])
         peak = peak_memory_bytes(lambda: step(setup()), device=device)
     except RuntimeError as exc:
         if not is_oom(exc):
@@ -232,6 +241,49 @@ def smoke(args) -> dict:
             "results": results}
 
 
+def samples_for(tokens: int, seed: int, vocab: int) -> list[Sample]:
+    """Samples from the full-length mix, added until they hold at least `tokens` real tokens."""
+    lengths = []
+    for p, r in sample_lengths(100_000, seed):
+        lengths.append((p, r))
+        if sum(a + b for a, b in lengths) >= tokens:
+            break
+    return make_samples(lengths, vocab, seed)
+
+
+def scaling(args) -> dict:
+    """Cost per real token across step sizes on CPU (tiny kit's text model, full-length mix): flat means linear."""
+    from srpo_fast.models import load_policy
+    from srpo_fast.tiny import ensure_tiny_kit
+
+    device = torch.device("cpu")
+    kit = ensure_tiny_kit(Path(tempfile.mkdtemp(prefix="step_kit_")), seed=0)
+    model = load_policy(kit["text"], dtype=torch.float32, gradient_checkpointing=True)
+    max_tokens = args.max_tokens or 4096
+    results = {}
+    for size in args.sizes:
+        samples = samples_for(size, args.seed, model.config.vocab_size)
+        result = run_model(f"tokens_{size}", model, samples, max_tokens, device, args, None)
+        for variant in ("packed", "padded"):
+            if "tokens_per_s" in result[variant]:
+                result[variant]["us_per_real_token"] = 1e6 / result[variant]["tokens_per_s"]
+        if "speedup" in result:
+            result["packed_over_padded_time"] = 1.0 / result["speedup"]
+        results[str(size)] = result
+    spread = {}
+    for variant in ("packed", "padded"):
+        costs = [r[variant]["us_per_real_token"] for r in results.values() if "us_per_real_token" in r[variant]]
+        if costs:
+            spread[variant] = {"us_per_real_token": costs, "max_over_min": max(costs) / min(costs)}
+    print("cost per real token (us): " + "; ".join(
+        f"{v} " + " ".join(f"{c:.1f}" for c in d["us_per_real_token"]) + f" (max/min {d['max_over_min']:.2f})"
+        for v, d in spread.items()), flush=True)
+    return {"smoke": False, "scaling": True, "device": "cpu", "sizes": args.sizes, "clock": CLOCK,
+            "torch_threads": torch.get_num_threads(),
+            "max_tokens_per_microbatch": max_tokens, "gradient_checkpointing": True, "results": results,
+            "cost_spread": spread}
+
+
 def full(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("the full run needs CUDA; use --smoke on CPU")
@@ -262,10 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scaling", action="store_true", help="CPU: cost per real token across --sizes")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096, 8192, 16384, 32768],
+                        help="real tokens per step for --scaling")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="CPU: wall or process CPU time")
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = args.clock
     args.iters = args.iters or (1 if args.smoke else 3)
-    data = smoke(args) if args.smoke else full(args)
-    path = write_results("step_smoke" if args.smoke else "step", data, args.out)
+    data = scaling(args) if args.scaling else smoke(args) if args.smoke else full(args)
+    name = "step_scaling" if args.scaling else "step_smoke" if args.smoke else "step"
+    path = write_results(name, data, args.out)
     measured = {k: r for k, r in data["results"].items() if "tokens_per_s" in r["packed"]
                 and "tokens_per_s" in r["padded"]}
     plot_bars(path.with_suffix(".png"), [

@@ -86,7 +86,7 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.5  # vLLM: share of GPU memory for weights + KV cache
     kv_cache_gb: float | None = None  # vLLM: KV-cache size in GiB, wins over gpu_memory_utilization (CPU: set it)
     enforce_eager: bool = False  # vLLM: no CUDA graphs
-    hf_batch_size: int = 16  # HF engine: rows per generate call
+    hf_batch_size: int | None = None  # HF engine: rows per generate call (None: all of a call's rows at once)
 
     def __post_init__(self):
         try:  # config loading puts the section's dotted name where the class name is
@@ -94,7 +94,8 @@ class EngineSettings:
             if self.dtype is not None:
                 _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
             _positive("max_num_seqs", self.max_num_seqs)
-            _positive("hf_batch_size", self.hf_batch_size)
+            if self.hf_batch_size is not None:
+                _positive("hf_batch_size", self.hf_batch_size)
             _in_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
             if self.max_model_len < 2:
                 raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +38,28 @@ def test_step_benchmark_smoke(tmp_path):
         assert math.isclose(variant["tokens_per_s"], result["real_tokens"] / (variant["step_ms"] / 1e3))
         assert math.isclose(variant["tflops"], result["model_tflop_per_step"] / (variant["step_ms"] / 1e3))
     assert math.isclose(result["speedup"], packed["tokens_per_s"] / padded["tokens_per_s"])
+
+
+@pytest.mark.slow
+def test_step_benchmark_scaling_reports_cost_per_real_token(tmp_path):
+    """--scaling: one run per step size on the full-length mix; cost per real token per variant and its spread."""
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--scaling", "--sizes", "600",
+                           "1500", "--max-tokens", "2048", "--iters", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "step_scaling" and data["sizes"] == [600, 1500]
+    assert list(data["results"]) == ["600", "1500"]
+    for size, result in data["results"].items():
+        assert result["real_tokens"] >= int(size)
+        assert result["logp_sum_rel_diff"] <= 1e-5
+        for variant in ("packed", "padded"):
+            assert math.isclose(result[variant]["us_per_real_token"], 1e6 / result[variant]["tokens_per_s"])
+        ratio = result["packed"]["step_ms"] / result["padded"]["step_ms"]
+        assert math.isclose(result["packed_over_padded_time"], ratio)
+    for variant in ("packed", "padded"):
+        costs = data["cost_spread"][variant]["us_per_real_token"]
+        assert costs == [r[variant]["us_per_real_token"] for r in data["results"].values()]
+        assert math.isclose(data["cost_spread"][variant]["max_over_min"], max(costs) / min(costs))

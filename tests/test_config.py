@@ -115,3 +115,17 @@ def test_longest_prompt_plus_response_must_fit_the_engine():
         load_config(None, ["data.max_prompt_tokens=3000", "rollout.max_tokens=2048", "rollout.max_model_len=4096"])
     cfg = load_config(None, ["data.max_prompt_tokens=2048", "rollout.max_tokens=2048", "rollout.max_model_len=4096"])
     assert cfg.rollout.max_model_len == 4096
+
+
+def test_overrides_a_shipped_config_suggests_load():
+    """A comment like `# vllm works too (rollout.engine=vllm k=v ...)` in a shipped config is advice users paste:
+    each such override set must pass the config's own checks together with the file."""
+    import re
+    from pathlib import Path
+
+    suggestions = 0
+    for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
+        for group in re.findall(r"\(((?:[\w.]+=\S+\s*)+)\)", path.read_text()):
+            load_config(path, group.split())
+            suggestions += 1
+    assert suggestions >= 1  # demo_cpu.yaml's vLLM switch

@@ -311,8 +311,25 @@ def test_model_batch_mismatch_errors(tiny_kit):
         packed_token_logprobs(vl_model, dummy_batch(vision_language=False))
 
 
+@pytest.mark.parametrize("q_len", [7, 1])
+def test_masked_gqa_path_equals_transformers_sdpa(q_len):
+    """Padded batches and cache steps on CPU: SDPA runs the grouped heads itself (no K/V copy per group) and gives
+    transformers' SDPA result (which repeats K/V) for a left-padded prefill (q_len 7) and a decode step (q_len 1)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, q_len, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, 1, q_len, 7, dtype=torch.bool).tril(7 - q_len)
+    mask[1, :, :, :3] = False  # row 1 left-padded by 3
+    mask[1, :, :, 3] = True  # (its padded query positions attend to the first real token, as transformers does)
+    ours, _ = varlen_attention_forward(Module().eval(), q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(Module().eval(), q, k, v, mask, scaling=0.3)
+    close(ours, ref, torch.float64, "masked GQA attention")
+
+
 def test_padded_generation_with_varlen_model_matches_sdpa(tiny_kit):
-    """The policy can also serve HF generate (left padding, KV cache): those calls take transformers' SDPA path."""
+    """The policy can also serve HF generate (left padding, KV cache): those calls take the masked SDPA path."""
     register_varlen_attention()
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(10, 1000, (2, 7), generator=gen)

@@ -214,3 +214,18 @@ def test_dynamic_sampling_resumes_exactly_and_max_steps_past_the_epochs_adds_one
     for row in rows_a:  # every step refilled to 4 kept groups of 4 samples within the 3 rounds
         assert row["dynamic/trained_groups"] == 4 and row["dynamic/filled"] == 1.0 and row["train/items"] == 16
         assert row["dynamic/gen_rounds"] >= 2 and row["rollout/samples"] == 16 * row["dynamic/gen_rounds"]
+
+
+def test_a_step_with_every_group_filtered_says_so(tiny_kit, tmp_path):
+    """The random model never writes the answer format: the paper reward is 0 everywhere, the accuracy filter drops
+    every group and nothing trains. The step line and the metrics say so instead of logging a quiet step."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b), "images": []}) + "\n"
+                            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
+    out = tmp_path / "run"
+    args = [a for a in hf_args(tiny_kit["text"], out, 1) if not a.startswith(("reward.preset", "algo.filter_groups"))]
+    proc = run_trainer([*args, f"data.train_files=[{data}]", "rollout.max_tokens=8"])
+    (row,) = metrics(out)
+    assert row["train/no_update"] == 1.0 and row["train/items"] == 0 and row["groups/kept_frac"] == 0
+    assert "NO UPDATE" in proc.stdout and "accuracy filter dropped all 4 groups" in proc.stdout
+    assert "loss/grad_norm" not in row

@@ -96,16 +96,20 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _segments_sdpa(q, k, v, cu: torch.Tensor, scale, dropout: float, causal: bool) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]; one SDPA call per sequence (no cross-sequence mask at all)."""
+    """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]; one SDPA call per sequence (no cross-sequence mask at all).
+
+    Each segment goes in as a 4-D [1, H, L, D] batch: torch's CPU SDPA picks its flash kernel only for 4-D inputs
+    and runs 3-D ones through the math kernel (3-4x slower forward+backward, and O(L^2) memory)."""
     bounds = cu.tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal, scale=scale,
-                                                   enable_gqa=gqa).transpose(0, 1))
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
 
 
@@ -146,10 +150,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          f"{kwargs['sliding_window']}); use attn_implementation='sdpa' for this model")
     batch, _, q_len, _ = query.shape
     if attention_mask is not None or key.shape[2] != q_len:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return _padded_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     cu = kwargs.get("cu_seq_lens_q")
@@ -179,6 +180,24 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             max_len = int((cu[1:] - cu[:-1]).max())
         out = _VARLEN_IMPLS[backend](q, k, v, cu, int(max_len), scaling, dropout, causal)
     return out.reshape(batch, q_len, out.shape[1], out.shape[2]), None
+
+
+def _padded_sdpa(module, query, key, value, attention_mask, scaling, dropout: float, **kwargs):
+    """Padded batches and KV-cache steps. On CPU with a mask and grouped-query heads, SDPA runs the groups itself
+    (`enable_gqa`, its flash kernel takes the mask): transformers' SDPA function copies K/V once per group there
+    (it keeps masked GQA off because CUDA would fall back to the math kernel), which in left-padded generation is
+    a copy of the whole cache per layer and step. Everything else: transformers' own SDPA function."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.device.type == "cpu" and attention_mask is not None and groups > 1 and
+            kwargs.get("position_bias") is None and kwargs.get("cache") is None):
+        dropout = dropout if module.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
 
 
 def _varlen_mask(*args, **kwargs):

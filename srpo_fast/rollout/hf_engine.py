@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from srpo_fast.models.attention import ATTN_NAME, attn_implementation_for
 from srpo_fast.models.processor import load_processor
 
 from .guards import flag_response, request_seed, tokenizer_size, vision_token_ids
@@ -26,13 +27,29 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def load_hf_model(config: RolloutEngineConfig, with_images: bool, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """The generation model; its language model runs our attention (`srpo_varlen`), whose padded-batch path keeps
+    grouped-query attention inside SDPA on CPU instead of copying K/V once per query-head group every step."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if config.dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
     cls = AutoModelForImageTextToText if with_images else AutoModelForCausalLM
-    model = cls.from_pretrained(config.model, dtype=_DTYPES[config.dtype], local_files_only=True)
+    model_type = AutoConfig.from_pretrained(config.model, local_files_only=True).model_type
+    model = cls.from_pretrained(config.model, dtype=_DTYPES[config.dtype], local_files_only=True,
+                                attn_implementation=attn_implementation_for(model_type, ATTN_NAME))
     return model.to(device).eval()
+
+
+class BlockTokens:
+    """Logits processor: -inf on a fixed set of ids, through an index built once (transformers' bad_words_ids
+    machinery handles multi-token sequences, which single blocked ids do not need)."""
+
+    def __init__(self, ids: Sequence[int], device: torch.device):
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # out of place: generate keeps this very tensor as the step's raw logits (output_logits)
+        return scores.index_fill(1, self.ids[self.ids < scores.shape[1]], float("-inf"))
 
 
 class HFEngine:
@@ -52,6 +69,7 @@ class HFEngine:
         self._lookup = parameter_lookup(self.model)
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._block: BlockTokens | None = None
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -72,7 +90,7 @@ class HFEngine:
                                           self.config.prompt_limit)
         rows = [(p, k) for p in prepared for k in range(sampling.n)]
         samples: list[RolloutSample] = []
-        size = self.config.hf_batch_size
+        size = self.config.hf_batch_size or max(len(rows), 1)  # None: one generate call for every row
         for start in range(0, len(rows), size):
             samples.extend(self._generate_rows(rows[start:start + size], sampling))
         return Rollouts(samples=samples, num_requests=len(requests), n=sampling.n,
@@ -103,16 +121,24 @@ class HFEngine:
     def _generation_config(self, s: SamplingConfig):
         from transformers import GenerationConfig
 
-        block = self.config.block_special_tokens if s.block_special_tokens is None else s.block_special_tokens
-        bad_words = [[t] for t in self.vision_ids] if block and self.vision_ids else None
         sample = s.temperature > 0
         return GenerationConfig(
             # explicit top_k=0 / top_p=1.0: left as None, transformers fills in its defaults (top_k=50)
             do_sample=sample, temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
             top_k=s.top_k if sample else None, max_new_tokens=s.max_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id, bad_words_ids=bad_words,
+            pad_token_id=self.pad_id,
             stop_strings=list(s.stop) or None, return_dict_in_generate=True,
             output_scores=self.config.logprobs_mode == "processed", output_logits=self.config.logprobs_mode == "raw")
+
+    def _logits_processors(self, s: SamplingConfig):
+        from transformers import LogitsProcessorList
+
+        block = self.config.block_special_tokens if s.block_special_tokens is None else s.block_special_tokens
+        if not (block and self.vision_ids):
+            return LogitsProcessorList()
+        if self._block is None:
+            self._block = BlockTokens(self.vision_ids, self.device)
+        return LogitsProcessorList([self._block])
 
     @torch.no_grad()
     def _generate_rows(self, rows: list[tuple[PreparedPrompt, int]], s: SamplingConfig) -> list[RolloutSample]:
@@ -123,6 +149,7 @@ class HFEngine:
             if s.seed is not None:
                 torch.manual_seed(request_seed(s.seed, rows[0][0].index))
             out = self.model.generate(**batch, generation_config=self._generation_config(s),
+                                      logits_processor=self._logits_processors(s),
                                       tokenizer=self.tokenizer if s.stop else None)
         generated = out.sequences[:, width:]
         steps = out.scores if self.config.logprobs_mode == "processed" else out.logits

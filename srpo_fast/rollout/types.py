@@ -77,8 +77,8 @@ class RolloutEngineConfig:
     enable_sleep_mode: bool = False
     tensor_parallel_size: int = 1  # only 1: each torchrun rank owns one whole engine
     sync_method: Literal["auto", "reload", "direct"] = "auto"
-    # HF fallback only
-    hf_batch_size: int = 16
+    # HF fallback only: rows per generate call (None: all rows of a call at once, the fastest where they fit)
+    hf_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_overlong_prompt not in ("error", "skip"):
@@ -91,6 +91,8 @@ class RolloutEngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_prompt_tokens is not None and not 0 < self.max_prompt_tokens < self.max_model_len:
             raise ValueError(f"max_prompt_tokens must be in [1, max_model_len), got {self.max_prompt_tokens}")
+        if self.hf_batch_size is not None and self.hf_batch_size < 1:
+            raise ValueError(f"hf_batch_size must be >= 1 or None (all rows in one call), got {self.hf_batch_size}")
         if self.max_images_per_prompt < 0:
             raise ValueError(f"max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
         if self.tensor_parallel_size != 1:

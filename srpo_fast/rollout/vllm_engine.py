@@ -39,6 +39,7 @@ leave the frozen vision tower as garbage, vLLM #29341). Wake order: "weights" â†
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import time
@@ -79,6 +80,40 @@ def preserve_rng_states():
         elif torch.cuda.is_available() and torch.cuda.is_initialized():
             # CUDA was first initialized by vLLM: give it the state the caller's torch.manual_seed implied.
             torch.cuda.manual_seed(cpu_seed)
+
+
+# Layers that hold only buffers computed from the config (rotary caches, the image normalization constants): a
+# reload never brings tensors for them, so vLLM warns "<layer>: Failed to load weights" on every sync and puts the
+# old (still correct) buffers back. Any other layer named in that warning did miss real weights: kept loud.
+_BUFFER_ONLY_LAYERS = ("RotaryEmbedding", "FusedMMInputNorm", "IdentityInputNorm")
+# INFO lines a sync triggers each time (reload timing, "Successfully reset prefix cache"): quiet while syncing
+_CHATTY_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().endswith(": Failed to load weights"):
+            return not record.getMessage().split(":")[0].endswith(_BUFFER_ONLY_LAYERS)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_expected_sync_logs():
+    """Scoped to one weight sync: drop the per-sync INFO lines and the expected buffer-only warnings; every other
+    warning (a layer that really missed its weights) still prints."""
+    chatty = [logging.getLogger(name) for name in _CHATTY_SYNC_LOGGERS]
+    levels = [logger.level for logger in chatty]
+    reload_logger, expected = logging.getLogger(_RELOAD_LOGGER), _ExpectedReloadWarnings()
+    for logger in chatty:
+        logger.setLevel(logging.WARNING)
+    reload_logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        reload_logger.removeFilter(expected)
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
 
 
 class _TrackedStream:
@@ -255,6 +290,11 @@ class VLLMEngine:
                                              f"processor to {len(p.prompt_ids)}: image resolution settings differ")
             for k, completion in enumerate(sorted(out.outputs, key=lambda c: c.index)):
                 samples.append(self._sample(p, k, completion, sampling.logprobs))
+        if not sampling.stop:  # detokenize=False: vLLM returned ids only
+            texts = self.tokenizer.batch_decode([[t for t in s.response_ids if 0 <= t < self.vocab_size]
+                                                 for s in samples], skip_special_tokens=True)
+            for sample, text in zip(samples, texts):
+                sample.response_text = text
         return Rollouts(samples=samples, num_requests=len(requests), n=sampling.n,
                         logprobs_mode=self.config.logprobs_mode,
                         logprobs_temperature=logprobs_temperature(self.config.logprobs_mode, sampling.temperature),
@@ -275,6 +315,9 @@ class VLLMEngine:
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
             stop=list(s.stop) or None, seed=None if s.seed is None else request_seed(s.seed, index),
             logprobs=0 if s.logprobs else None, skip_special_tokens=True,
+            # vLLM detokenizes every step of every sequence in Python, logprob tokens included (about a fifth of a
+            # CPU rollout's time); stop strings need that, otherwise one batched decode at the end gives the text
+            detokenize=bool(s.stop),
             bad_words=list(self._bad_words) if block and self._bad_words else None,
             logit_bias=dict(self._blocked_bias) if block and self._blocked_bias else None)
 
@@ -331,10 +374,8 @@ class VLLMEngine:
                                 self.packed_modules_mapping if check_groups else None)
         start = time.perf_counter()
         try:
-            if self.sync_method == "reload":
-                self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(stream)))
-            else:
-                self.llm.collective_rpc(_worker_load_weights_direct, args=(iter(stream),))
+            with quiet_expected_sync_logs():
+                self._load_stream(stream)
         except Exception as exc:
             self._broken = f"a weight sync failed part-way ({type(exc).__name__}: {exc})"
             if self.sync_method == "reload":
@@ -349,11 +390,18 @@ class VLLMEngine:
                 self._broken = str(exc)
                 raise
             self._weights_discarded = False
-        self._reset_caches()
+        with quiet_expected_sync_logs():
+            self._reset_caches()
         if self.on_gpu:
             torch.cuda.synchronize()
         return WeightSyncStats(tensors=stream.tensors, bytes=stream.bytes, seconds=time.perf_counter() - start,
                                method=self.sync_method)
+
+    def _load_stream(self, stream: _TrackedStream) -> None:
+        if self.sync_method == "reload":
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(stream)))
+        else:
+            self.llm.collective_rpc(_worker_load_weights_direct, args=(iter(stream),))
 
     def _reset_caches(self) -> None:
         """Prefix-cache blocks, processed images and encoder outputs were all computed with the old weights."""

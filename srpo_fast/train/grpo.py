@@ -79,6 +79,16 @@ def grpo_note(cfg: Config) -> str:
     return note
 
 
+def no_update_reason(cfg: Config, totals: dict[str, float]) -> str:
+    """Why a step trained on nothing (its items were all filtered out or invalid), for a loud step line."""
+    if cfg.algo.filter_groups and totals["groups/present"] and not totals["groups/kept"]:
+        return (f"the accuracy filter dropped all {int(totals['groups/present'])} groups (first-answer accuracy "
+                f"outside [{cfg.algo.filter_low}, {cfg.algo.filter_high}] in every group; a model that never "
+                f"answers in the expected format scores 0 everywhere: start from stage 1, or algo.filter_groups=false)")
+    return (f"no valid sample among {int(totals['samples'])} (invalid {int(totals['invalid_samples'])}, "
+            f"skipped prompts {int(totals['skipped_prompts'])})")
+
+
 def check_grpo_config(cfg: Config) -> None:
     if cfg.train.prompts_per_step % world_size():
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the "
@@ -196,6 +206,10 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
             callback(step, run, engine, metrics)
         totals = all_reduce_dict(experience.sums, op="sum")
         metrics.update(step_metrics(totals), **experience.totals)
+        metrics["train/no_update"] = float(not len(items))
+        if not len(items) and is_main():
+            print(f"[train] WARNING step {step}: NO UPDATE, the policy did not change: {no_update_reason(cfg, totals)}",
+                  flush=True)
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}_s": v for k, v in timer.seconds.items()})
         metrics.update(timer.gpu_metrics())
@@ -207,7 +221,8 @@ def train_grpo(cfg: Config, callbacks: Sequence[StepCallback] = ()) -> Path:
         run.count_updates(metrics)
         run.logger.log(step, metrics)
         progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['acc/final']:.2f}")
+        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['acc/final']:.2f}",
+                             **({"update": "NONE (all filtered)"} if not len(items) else {}))
         if run.end_step(step):
             break
     progress.close()

@@ -1,0 +1,297 @@
+"""End-to-end GRPO steps side by side: srpo_fast (HF engine, vLLM engine) vs TRL's GRPOTrainer (HF generate, and
+vLLM colocate as it behaves stock) on the same work.
+
+The work: the tiny offline Qwen2.5-VL kit (`python -m srpo_fast.tiny`), the synthetic visual task (one image per
+prompt), `--prompts` prompts x `--n` samples per step, `--tokens` new tokens at T = 1.0 (top-k/top-p off), AdamW,
+one epoch over prompts x steps records; both sides score with srpo_fast's paper reward (a random model scores 0:
+the step still runs every phase) and neither filters groups. Every framework run is its own subprocess, and the
+repeats are interleaved (round r runs every framework once, in a rotated order), so drift of a shared machine hits
+all of them alike. Per run: median over the steady steps (the first is warm-up) of step time, generation time
+(srpo_fast: its rollout phase; TRL: its `_generate`), the rest of the step (reward, log-probs, update, weight sync),
+response tokens/s, and the process's peak RSS. Reported: median over repeats with min/max.
+
+  python benchmarks/e2e.py                        # 8 prompts x 8 samples x 128 tokens, 3 steps, 5 repeats
+  python benchmarks/e2e.py --smoke --out X.json   # 2 x 2 x 8 tokens, 2 steps, one repeat (the test suite runs it)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+FRAMEWORKS = ("srpo_vllm", "srpo_hf", "trl_hf", "trl_vllm")
+LABELS = {"srpo_vllm": "srpo_fast + vLLM (default)", "srpo_hf": "srpo_fast + HF engine",
+          "trl_hf": "TRL + HF generate", "trl_vllm": "TRL + vLLM colocate (stock)"}
+
+
+# ---- workers (one framework, one run, in its own process) ----------------------------------------------------------
+def _records(args) -> list[dict]:
+    from srpo_fast.data.synthetic import make_dataset
+
+    return make_dataset(args.prompts * args.steps, seed=args.seed, difficulty=1)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def run_srpo(args, engine: str) -> dict:
+    from srpo_fast.config import load_config
+    from srpo_fast.data.synthetic import write_dataset
+    from srpo_fast.train.grpo import train_grpo
+    from srpo_fast.utils.distributed import init_distributed
+    from srpo_fast.utils.metrics import read_metrics
+
+    init_distributed()  # what `python -m srpo_fast.train` does first (a one-rank group here)
+    work = Path(args.work)
+    data = write_dataset(_records(args), work / "data")
+    overrides = [f"model.path={args.kit}", f"data.train_files=[{data}]", f"rollout.engine={engine}",
+                 f"rollout.n={args.n}", f"train.prompts_per_step={args.prompts}", f"rollout.max_tokens={args.tokens}",
+                 "rollout.temperature=1.0", "algo.filter_groups=false", "train.val_every=0", "train.epochs=1",
+                 f"train.max_steps={args.steps}", f"train.save_every={args.steps + 1}", "log.progress=false",
+                 f"train.output_dir={work / 'run'}", "data.shuffle=false", f"train.seed={args.seed}"]
+    if engine == "vllm":
+        overrides += ["rollout.kv_cache_gb=0.25", "rollout.max_model_len=1024"]
+    cfg = load_config(HERE.parent / "configs" / "demo_cpu.yaml", overrides)
+    train_grpo(cfg)
+    rows = read_metrics(work / "run" / "metrics.jsonl")
+    return {"steps": [{"step_s": r["timing/step_s"], "generation_s": r["timing/rollout_s"],
+                       "reward_s": r.get("timing/reward_s", 0.0), "update_s": r.get("timing/train_s", 0.0),
+                       "sync_s": r.get("timing/sync_s", 0.0),
+                       "response_tokens": r["response/length_mean"] * r["rollout/samples"]} for r in rows]}
+
+
+def run_trl(args, use_vllm: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from srpo_fast.data.prompts import build_messages
+    from srpo_fast.models.processor import load_processor
+    from srpo_fast.reward import RewardConfig, score_batch
+
+    records = _records(args)
+    def as_parts(messages):  # one content type per column for the dataset (Arrow): text parts everywhere
+        return [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+                 else m["content"]} for m in messages]
+
+    dataset = Dataset.from_list([{"prompt": as_parts(build_messages(r, "srpo")), "image": r["images"][0],
+                                  "answer": r["answer"]} for r in records])
+    reward_config = RewardConfig(preset="paper")
+
+    def paper_reward(prompts, completions, answer, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return score_batch(texts, [str(a) for a in answer], config=reward_config).total.tolist()
+
+    extra = dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False) if use_vllm else {}
+    config = GRPOConfig(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.prompts * args.n,
+                        gradient_accumulation_steps=1, num_generations=args.n, max_completion_length=args.tokens,
+                        temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-4, num_train_epochs=1,
+                        max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                        bf16=False, seed=args.seed, dataloader_num_workers=0, **extra)
+    processor = load_processor(args.kit)
+    trainer = GRPOTrainer(model=args.kit, reward_funcs=paper_reward, args=config, train_dataset=dataset,
+                          processing_class=processor)
+    steps: list[dict] = []
+    generation = {"s": 0.0}
+    generate = trainer._generate
+
+    def timed_generate(*a, **kw):  # measurement only: TRL's own generation, timed
+        start = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            generation["s"] += time.perf_counter() - start
+
+    trainer._generate = timed_generate
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            generation["s"] = 0.0
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            steps.append({"step_s": time.perf_counter() - self.start, "generation_s": generation["s"]})
+
+        def on_log(self, _args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs and steps:
+                steps[-1]["response_tokens"] = logs["completions/mean_length"] * args.prompts * args.n
+
+    trainer.add_callback(StepTimer())
+    torch.manual_seed(args.seed)
+    trainer.train()
+    return {"steps": steps}
+
+
+def worker(args) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    try:
+        if args.worker.startswith("srpo_"):
+            result = run_srpo(args, args.worker.removeprefix("srpo_"))
+        else:
+            result = run_trl(args, args.worker == "trl_vllm")
+        result["status"] = "ok"
+    except BaseException as exc:  # a crash is a result too (TRL + vLLM on CPU): record it
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                  "traceback": traceback.format_exc()[-4000:]}
+    result.update(wall_s=time.perf_counter() - start, peak_rss_gb=_peak_rss_gb())
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"[e2e worker] {args.worker}: {result['status']}", flush=True)
+    os._exit(0)  # in-process vLLM engines may hang in teardown; the result is written
+
+
+# ---- driver ----------------------------------------------------------------------------------------------------------
+def steady(steps: list[dict], key: str) -> float | None:
+    values = [s[key] for s in steps[1:] or steps if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["status"] == "ok" and r.get("steps")]
+    out = {"runs": len(runs), "ok": len(ok)}
+    errors = sorted({r.get("error", "no steps") for r in runs if r not in ok})
+    if errors:
+        out["errors"] = errors
+    if not ok:
+        return out
+    per_run = []
+    for r in ok:
+        step = steady(r["steps"], "step_s")
+        gen = steady(r["steps"], "generation_s")
+        tokens = steady(r["steps"], "response_tokens")
+        row = {"step_s": step, "generation_s": gen, "rest_s": step - gen if gen is not None else None,
+               "steps_per_s": 1.0 / step, "tokens_per_s": tokens / step if tokens else None,
+               "peak_rss_gb": r["peak_rss_gb"]}
+        for key in ("reward_s", "update_s", "sync_s"):
+            value = steady(r["steps"], key)
+            if value is not None:
+                row[key] = value
+        per_run.append(row)
+    for key in per_run[0]:
+        values = [p[key] for p in per_run if p.get(key) is not None]
+        if values:
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def run_worker(name: str, args, kit: Path, work: Path, timeout_s: float) -> dict:
+    out = work / f"{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--kit", str(kit), "--work",
+           str(work / name), "--out", str(out), "--prompts", str(args.prompts), "--n", str(args.n),
+           "--tokens", str(args.tokens), "--steps", str(args.steps), "--seed", str(args.seed)]
+    (work / name).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=HERE.parent)
+        log = proc.stdout + proc.stderr
+        result = json.loads(out.read_text()) if out.is_file() else {
+            "status": "error", "error": f"worker exited {proc.returncode} without a result", "log_tail": log[-3000:]}
+    except subprocess.TimeoutExpired:
+        result = {"status": "error", "error": f"timeout after {timeout_s:.0f} s"}
+    step = steady(result.get("steps") or [], "step_s")
+    print(f"[e2e] {name:10s} {result['status']:6s} {time.perf_counter() - start:6.1f} s wall"
+          + (f", {step:.2f} s/step" if step else f", {result.get('error', '')[:160]}"), flush=True)
+    return result
+
+
+def driver(args) -> dict:
+    from srpo_fast.tiny import ensure_tiny_kit
+
+    work = Path(tempfile.mkdtemp(prefix="e2e_"))
+    kit = ensure_tiny_kit(work / "kit", seed=0)["vl"]
+    runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
+    for round_ in range(args.repeats):
+        order = args.frameworks[round_ % len(args.frameworks):] + args.frameworks[:round_ % len(args.frameworks)]
+        for name in order:
+            runs[name].append(run_worker(name, args, kit, work / f"r{round_}", args.timeout_s))
+        data = report(args, runs, rounds=round_ + 1)  # rewritten after every round: a cut-short run keeps its rounds
+    return data
+
+
+def report(args, runs: dict[str, list[dict]], rounds: int) -> dict:
+    from benchmarks._common import write_results
+
+    summary = {name: {"label": LABELS[name], **summarize(rs)} for name, rs in runs.items()}
+    ratios = {}
+
+    def ratio(a: str, b: str) -> float | None:
+        sa, sb = summary.get(a, {}).get("steps_per_s"), summary.get(b, {}).get("steps_per_s")
+        return sa["median"] / sb["median"] if sa and sb else None
+
+    for a, b in (("srpo_vllm", "trl_hf"), ("srpo_hf", "trl_hf"), ("srpo_vllm", "trl_vllm")):
+        value = ratio(a, b)
+        if value is not None:
+            ratios[f"{a}_over_{b}_steps_per_s"] = value
+    data = {"smoke": args.smoke, "device": "cpu", "cpu_count": os.cpu_count(),
+            "omp_num_threads": args.threads or os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_end": os.getloadavg(),
+            "work": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens, "steps": args.steps,
+                     "repeats": rounds, "temperature": 1.0, "optimizer": "AdamW", "model": "tiny Qwen2.5-VL"},
+            "summary": summary, "ratios": ratios, "runs": runs}
+    for s in summary.values():
+        if "step_s" in s:
+            print(f"{s['label']:32s} {s['step_s']['median']:7.2f} s/step [{s['step_s']['min']:.2f}, "
+                  f"{s['step_s']['max']:.2f}]  gen {s['generation_s']['median']:6.2f} s  "
+                  f"rest {s['rest_s']['median']:6.2f} s  peak {s['peak_rss_gb']['median']:.2f} GB", flush=True)
+        else:
+            print(f"{s['label']:32s} failed: {s.get('errors')}", flush=True)
+    path = write_results("e2e_smoke" if args.smoke else "e2e", data, args.out)
+    _plot(path.with_suffix(".png"), summary)
+    print(f"wrote {path}")
+    return data
+
+
+def _plot(path: Path, summary: dict) -> None:
+    from benchmarks._common import plot_bars
+
+    ok = {s["label"]: s for s in summary.values() if "step_s" in s}
+    plot_bars(path, [
+        ("seconds per step (median)", "s", {"step": {k: s["step_s"]["median"] for k, s in ok.items()}}),
+        ("generation / rest of step", "s", {"generation": {k: s["generation_s"]["median"] for k, s in ok.items()},
+                                            "rest": {k: s["rest_s"]["median"] for k, s in ok.items()}})])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="2 prompts x 2 samples x 8 tokens, 2 steps, 1 repeat")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="steps per run (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="per framework run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every worker (1 keeps a shared, oversubscribed machine fair)")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--kit", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    if args.smoke:
+        args.prompts, args.n, args.tokens, args.steps, args.repeats = 2, 2, 8, 2, 1
+    driver(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """A stand-in for nvidia-ml-py's `pynvml` module on machines without an NVIDIA driver.
 
-Same function names and signatures as the real module (tests/test_telemetry.py checks them against it), the real
+Same function names and signatures as the real module (tests/utils/test_telemetry.py checks them against it), the real
 module's return structs (c_nvmlUtilization_t, c_nvmlMemory_t), constants and exception classes, and its rules:
 every device call before nvmlInit (or after nvmlShutdown) raises NVMLError_Uninitialized; power is in milliwatts.
 What it reports is set by the test.

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_{fsdp,checkpoint,weights}.py: one launch, every multi-rank check.
+"""torchrun worker for tests/models/test_{fsdp,weights}.py and tests/utils/test_checkpoint.py: one launch, every multi-rank check.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist/fsdp_worker.py --kit KIT_VL_DIR --out DIR
 

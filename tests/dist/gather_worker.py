@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_weights_gather.py: iter_full_weights(gather="bucket") against the per-parameter
+"""torchrun worker for tests/models/test_weights_gather.py: iter_full_weights(gather="bucket") against the per-parameter
 reference (gather="param") on 2 ranks, counting the collectives each issues.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist/gather_worker.py --kit KIT_VL_DIR --out DIR

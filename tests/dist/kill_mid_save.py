@@ -1,4 +1,4 @@
-"""Subprocess for tests/test_checkpoint.py: a save that is SIGKILLed half-way through writing.
+"""Subprocess for tests/utils/test_checkpoint.py: a save that is SIGKILLed half-way through writing.
 
     python tests/dist/kill_mid_save.py MODEL_DIR CKPT_ROOT
 

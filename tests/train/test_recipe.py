@@ -13,7 +13,7 @@ from torch import nn
 from srpo_fast.config import ConfigError, load_config
 from srpo_fast.train.batches import split_mini_batches
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SRPO_7B = ROOT / "configs" / "srpo_qwen2_5_vl_7b.yaml"
 SFT_7B = ROOT / "configs" / "sft_qwen2_5_vl_7b.yaml"
 DISTILL_7B = ROOT / "configs" / "distill_qwen2_5_vl_7b.yaml"

@@ -21,8 +21,8 @@ pynvml = pytest.importorskip("pynvml")  # nvidia-ml-py: the fake below takes its
 
 from fake_nvml import API, FakeNvml  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent.parent
+TESTS = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> None:

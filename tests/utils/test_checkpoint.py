@@ -20,7 +20,7 @@ from srpo_fast.utils.checkpoint import (checkpoint_dir, latest_checkpoint, list_
                                         save_checkpoint)
 from srpo_fast.utils.distributed import seed_everything
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist.launch import REPO, fsdp_worker_result  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from srpo_fast.models.fsdp import vision_tower
 from srpo_fast.models.processor import load_processor
 from srpo_fast.models.weights import checkpoint_names, export_hf_safetensors, iter_full_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist.launch import fsdp_worker_result  # noqa: E402
 
 

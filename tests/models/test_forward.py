@@ -15,8 +15,8 @@ from srpo_fast.models import (load_policy, output_head, packed_hidden_states, pa
                               register_varlen_attention, varlen_backend)
 from srpo_fast.models.attention import cu_seqlens_from_position_ids, varlen_attention_forward
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_models_loading import build_tiny_qwen2_vl, synthetic_vl_sample  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from test_loading import build_tiny_qwen2_vl, synthetic_vl_sample  # noqa: E402
 
 # fp64 runs must agree to rounding (observed <= 3e-13): the packed path is exact. fp32 runs: log-probs, entropies
 # and logits to 1e-5 relative to their magnitude (packed and single-sequence matmuls have different shapes, so their
@@ -348,7 +348,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
-from test_models_loading import synthetic_vl_sample
+from test_loading import synthetic_vl_sample
 from srpo_fast.data.packing import MRopeIndexer, dummy_batch, pack_samples
 from srpo_fast.models import load_policy, packed_hidden_states, packed_token_logprobs, shard_model
 from srpo_fast.utils.distributed import init_distributed

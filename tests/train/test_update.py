@@ -155,7 +155,7 @@ from srpo_fast.train.grpo import policy_update
 from srpo_fast.train.run import Run
 from srpo_fast.train.batches import TrainItem, exchange_items, share_items
 from srpo_fast.utils.distributed import cleanup, init_distributed, rank, world_size
-from test_train_update import random_items
+from test_update import random_items
 
 kit, out, aggregation = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 init_distributed()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent.parent
+TESTS = Path(__file__).resolve().parent.parent
 
 
 def run_trainer(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 TIMES = ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mem_MB", "extra_mem_MB")
 
 

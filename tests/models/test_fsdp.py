@@ -19,7 +19,7 @@ from srpo_fast.models.fsdp import (build_lr_scheduler, build_optimizer, clip_gra
                                    shard_model, vision_tower)
 from srpo_fast.utils import distributed as du
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist.launch import fsdp_worker_result  # noqa: E402
 
 MAX_NORM = 1.0  # the worker's clipping threshold

@@ -12,7 +12,7 @@ import torch
 
 from srpo_fast.models.weights import iter_full_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist.launch import HERE, torchrun  # noqa: E402
 
 MODELS = ("vl", "vl_offload", "vl_bf16", "uneven")

@@ -14,7 +14,7 @@ import pytest
 from srpo_fast.data.records import load_records
 from srpo_fast.data.synthetic import make_dataset, write_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def reflection_response(record: dict) -> str:

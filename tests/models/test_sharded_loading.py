@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist.launch import torchrun  # noqa: E402
 
 from srpo_fast.train.memory import model_facts_from_dir, parameter_bytes  # noqa: E402
 
-WORKER = Path(__file__).resolve().parent / "dist" / "load_worker.py"
+WORKER = Path(__file__).resolve().parent.parent / "dist" / "load_worker.py"
 
 
 @pytest.fixture(scope="module")

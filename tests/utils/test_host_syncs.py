@@ -13,8 +13,9 @@ from srpo_fast.kernels import grpo_loss
 from srpo_fast.models import load_policy, packed_token_logprobs
 from srpo_fast.utils.host_syncs import count_host_syncs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_models_loading import synthetic_vl_sample  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))  # test_loading
+from test_loading import synthetic_vl_sample  # noqa: E402
 
 CPU_ONLY = ("srpo_fast/models/attention.py",)  # per-segment SDPA: the CPU fallback; CUDA runs a varlen kernel
 HOST_SIDE = ("srpo_fast/data/packing.py",)  # packs the rows from CPU tensors before they move to the device
@@ -94,7 +95,7 @@ def test_policy_update_host_syncs_do_not_grow_with_micro_batches(tiny_kit, tmp_p
     from srpo_fast.train.run import TrainPlan, start_run
     from srpo_fast.utils.distributed import cleanup, init_distributed
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     created = not dist.is_initialized()
     init_distributed()
     counts = {}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_rollout_vllm import (VL_PIXELS, engine_config, hf_pairs, hf_recompute, outputs, perturbed_copy,
+from test_vllm_engine import (VL_PIXELS, engine_config, hf_pairs, hf_recompute, outputs, perturbed_copy,
                                stop_string_from, text_requests, vl_requests)
 
 from srpo_fast.rollout import HFEngine, InvalidRequestError, RolloutRequest, SamplingConfig, WeightSyncError

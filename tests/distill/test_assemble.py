@@ -134,7 +134,7 @@ def test_shipped_configs_load(name):
     from srpo_fast.config import ConfigError
     from srpo_fast.distill import load_distill_config
 
-    path = Path(__file__).parent.parent / "configs" / name
+    path = Path(__file__).parent.parent.parent / "configs" / name
     cfg = load_distill_config(path, ["policy.model=/m", "teacher.kind=local"])
     assert cfg.policy.model == "/m" and cfg.teacher.kind == "local"
     with pytest.raises(ConfigError, match="unknown config key teacher.api_key"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_eval_scoring import MV_CHOICE, mathvista_row, one, srpo
+from test_scoring import MV_CHOICE, mathvista_row, one, srpo
 
 from srpo_fast.eval import markdown_table, score_items, summarize, write_report
 

@@ -55,6 +55,8 @@ class DataConfig:
     val_size: int | None = None  # use at most this many validation records (synthetic default: 32)
     synthetic_size: int = 256  # records of the generated visual task when no files are given
     synthetic_difficulty: int = 1
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["count", "add", "compare", "color"])  # a subset
+    #   of srpo_fast/data/synthetic.py's TASKS (the demo climbs the one a tiny model can learn)
     max_prompt_tokens: int = 1024
     max_images_per_prompt: int = 1  # records with more images are skipped (and counted)
     max_response_tokens: int | None = None  # SFT: a target (response + end of turn) longer than this is skipped and
@@ -65,6 +67,12 @@ class DataConfig:
     def __post_init__(self):
         _positive("data.synthetic_size", self.synthetic_size)
         _in_range("data.synthetic_difficulty", self.synthetic_difficulty, 1, 5)
+        from srpo_fast.data.synthetic import TASKS
+
+        unknown = [t for t in self.synthetic_tasks if t not in TASKS]
+        if unknown or not self.synthetic_tasks:
+            raise ConfigError(f"data.synthetic_tasks must be a non-empty subset of {list(TASKS)}, got "
+                              f"{self.synthetic_tasks}")
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         if self.max_images_per_prompt < 0:
             raise ConfigError(f"data.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")

@@ -5,6 +5,8 @@
 1. a scripted reflection cold-start set for the synthetic task (data/cold_start.py) → DIR/cold_start/
 2. stage 1, SFT on it (configs/demo_sft_cpu.yaml)                                      → DIR/sft/
 3. stage 2, reflection-aware GRPO from the SFT model (configs/demo_cpu.yaml)           → DIR/grpo/
+4. the verdict: start → end numbers and the reward trend's t printed, one picture      → DIR/summary.png
+   (srpo_fast/demo_report.py says how t is computed)
 Both stages are the real trainer (`srpo_fast.train`), in this one process; rerunning resumes where it stopped.
 A stop signal (SIGTERM, Ctrl-C) during stage 1 ends the demo after stage 1's checkpoint: stage 2 needs the finished
 SFT model. Plain overrides go to stage 2, `--sft` ones to stage 1.
@@ -21,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXIT_STOPPED = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
 
 
-def write_cold_start(out: Path, size: int, seed: int) -> Path:
+def write_cold_start(out: Path, size: int, seed: int, tasks: tuple[str, ...], difficulty: int) -> Path:
     """DIR/data.jsonl + images, written once (a complete file is never rewritten)."""
     path = out / "data.jsonl"
     if path.is_file():
@@ -29,7 +31,7 @@ def write_cold_start(out: Path, size: int, seed: int) -> Path:
     from srpo_fast.data.cold_start import add_cold_start_responses
     from srpo_fast.data.synthetic import make_dataset, write_dataset
 
-    records = add_cold_start_responses(make_dataset(size, seed=seed + 1), seed=seed)
+    records = add_cold_start_responses(make_dataset(size, seed=seed + 1, difficulty=difficulty, tasks=tasks), seed=seed)
     written = write_dataset([{k: v for k, v in r.items() if k != "response"} for r in records], out)
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     for row, record in zip(rows, records):
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         sft_cfg = load_config(CONFIGS / "demo_sft_cpu.yaml", [f"train.output_dir={out / 'sft'}", *args.sft])
-        data = write_cold_start(out / "cold_start", sft_cfg.data.synthetic_size, sft_cfg.train.seed)
+        data = write_cold_start(out / "cold_start", sft_cfg.data.synthetic_size, sft_cfg.train.seed,
+                                tuple(sft_cfg.data.synthetic_tasks), sft_cfg.data.synthetic_difficulty)
         sft_cfg = load_config(CONFIGS / "demo_sft_cpu.yaml",
                               [f"train.output_dir={out / 'sft'}", f"data.train_files=[{data}]", *args.sft])
         grpo_cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"model.path={out / 'sft' / 'final_model'}",
@@ -86,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STORAGE
     finally:
         cleanup()
-    print(f"[demo] done: metrics in {out / 'sft' / 'metrics.jsonl'} and {out / 'grpo' / 'metrics.jsonl'}, "
-          f"plots in {out / 'grpo' / 'plots'}, model in {out / 'grpo' / 'final_model'}")
+    from srpo_fast.demo_report import report
+
+    _, text, png = report(out)
+    print(text)
+    print(f"[demo] done: {png or 'no summary.png (plotting needs matplotlib)'}; metrics in "
+          f"{out / 'sft' / 'metrics.jsonl'} and {out / 'grpo' / 'metrics.jsonl'}, "
+          f"model in {out / 'grpo' / 'final_model'}")
     return 0
 
 

@@ -129,3 +129,14 @@ def test_overrides_a_shipped_config_suggests_load():
             load_config(path, group.split())
             suggestions += 1
     assert suggestions >= 1  # demo_cpu.yaml's vLLM switch
+
+
+def test_synthetic_tasks_pick_the_generated_records():
+    from srpo_fast.train.run import load_train_records
+
+    cfg = load_config(None, ["data.synthetic_tasks=[compare]", "data.synthetic_size=6"])
+    assert {r["task"] for r in load_train_records(cfg)} == {"compare"}
+    with pytest.raises(ConfigError, match=r"data.synthetic_tasks .*'spin'"):
+        load_config(None, ["data.synthetic_tasks=[compare, spin]"])
+    with pytest.raises(ConfigError, match="data.synthetic_tasks"):
+        load_config(None, ["data.synthetic_tasks=[]"])

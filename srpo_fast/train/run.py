@@ -62,7 +62,8 @@ def load_train_records(cfg: Config) -> list[dict]:
     if not cfg.data.train_files:
         from srpo_fast.data.synthetic import make_dataset
 
-        return make_dataset(cfg.data.synthetic_size, seed=cfg.train.seed, difficulty=cfg.data.synthetic_difficulty)
+        return make_dataset(cfg.data.synthetic_size, seed=cfg.train.seed, difficulty=cfg.data.synthetic_difficulty,
+                            tasks=tuple(cfg.data.synthetic_tasks))
     from srpo_fast.data.records import load_records
 
     records, report = load_records(cfg.data.train_files, lazy_images=True,

@@ -35,7 +35,7 @@ def load_val_records(cfg: Config) -> list[dict]:
         from srpo_fast.data.synthetic import make_dataset
 
         records = make_dataset(cfg.data.val_size or 32, seed=cfg.train.seed + 10_000,
-                               difficulty=cfg.data.synthetic_difficulty)
+                               difficulty=cfg.data.synthetic_difficulty, tasks=tuple(cfg.data.synthetic_tasks))
     return records[:cfg.data.val_size] if cfg.data.val_size else records
 
 

@@ -47,18 +47,23 @@ def test_workers_killed_every_few_hundred_ms_never_raise():
 
     def killer():
         rng = random.Random(0)
-        while not stop.wait(0.5):
+        while not stop.is_set():
             pids = pool.worker_pids()
             if pids:
                 kills.append(rng.choice(pids))
                 kill(kills[-1])
+            stop.wait(0.2)
 
     jobs = [(f"(x+{k})^2", f"x^2+{2 * k}x+{k * k}") for k in range(1, 41)]  # sympy expands each: ~0.1 s
     pool.wait_ready()
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    try:
-        results = pool.run(jobs, timeout_s=10.0)
+    results = []
+    try:  # a quiet machine grades all 40 in well under a second: repeat until several kills have landed
+        for _ in range(20):
+            results += pool.run(jobs, timeout_s=10.0)
+            if len(kills) >= 3:
+                break
     finally:
         stop.set()
         thread.join()
@@ -66,7 +71,7 @@ def test_workers_killed_every_few_hundred_ms_never_raise():
         assert len(kills) >= 2
         assert all(r.status in ("ok", "crash") for r in results)
         assert all(r.correct for r in results if r.status == "ok")
-        assert sum(r.status == "ok" for r in results) >= len(jobs) // 2
+        assert sum(r.status == "ok" for r in results) >= len(results) // 2
         after = pool.run([("3", "\\sqrt{9}")], timeout_s=10.0)  # and the pool still serves the next call
         assert after[0].status == "ok" and after[0].correct
     finally:

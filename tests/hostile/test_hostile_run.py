@@ -76,8 +76,9 @@ def test_a_run_that_never_updates_fails_loudly_and_a_killed_start_leaves_no_dupl
 
 def test_sigterm_during_demo_stage_one_stops_the_demo(tmp_path):
     out = tmp_path / "demo"
+    # ~1000 SFT steps, so the signal lands inside stage 1 however quiet the machine is
     proc = start(["srpo_fast.demo", "--out", str(out), "--sft", "data.synthetic_size=8", "--sft",
-                  "train.prompts_per_step=4", "--sft", "train.epochs=3", "log.progress=false"])
+                  "train.prompts_per_step=4", "--sft", "train.epochs=500", "log.progress=false"])
     wait_for(lambda: (out / "sft" / "metrics.jsonl").exists(), proc)
     time.sleep(1.0)  # the run has installed its signal handler right after opening its metrics
     proc.send_signal(signal.SIGTERM)

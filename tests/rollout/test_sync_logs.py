@@ -9,12 +9,19 @@ def test_expected_reload_warnings_are_dropped_and_real_ones_kept(caplog):
     reload_logger = logging.getLogger(_RELOAD_LOGGER)
     block_pool = logging.getLogger("vllm.v1.core.block_pool")
     before = block_pool.level
+    propagate = {logger: logger.propagate for logger in (reload_logger, block_pool)}
+    for logger in propagate:  # vLLM's loggers stop propagating once vLLM configures logging: capture on them
+        logger.addHandler(caplog.handler)
+        logger.propagate = False
     with caplog.at_level(logging.INFO):
         with quiet_expected_sync_logs():
             for layer in ("RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm", "QKVParallelLinear"):
                 reload_logger.warning("%s: Failed to load weights", layer)
             block_pool.info("Successfully reset prefix cache")
         block_pool.info("after the sync")
+    for logger, value in propagate.items():
+        logger.removeHandler(caplog.handler)
+        logger.propagate = value
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["QKVParallelLinear: Failed to load weights", "after the sync"]
     assert block_pool.level == before and not reload_logger.filters

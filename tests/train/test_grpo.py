@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 TESTS = Path(__file__).resolve().parent.parent
 
 
-def run_trainer(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m srpo_fast.train ARGS` (one process: a real one-rank group), asserting success."""
+def run_trainer(args: list[str], *, timeout: int = 300, returncode: int = 0) -> subprocess.CompletedProcess:
+    """`python -m srpo_fast.train ARGS` (one process: a real one-rank group), asserting its exit status."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "srpo_fast.train", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
@@ -224,8 +224,9 @@ def test_a_step_with_every_group_filtered_says_so(tiny_kit, tmp_path):
                             for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
     out = tmp_path / "run"
     args = [a for a in hf_args(tiny_kit["text"], out, 1) if not a.startswith(("reward.preset", "algo.filter_groups"))]
-    proc = run_trainer([*args, f"data.train_files=[{data}]", "rollout.max_tokens=8"])
+    # its only step did not update, so the run ends as an error (exit 3, srpo_fast.train.run.NoUpdateError)
+    proc = run_trainer([*args, f"data.train_files=[{data}]", "rollout.max_tokens=8"], returncode=3)
     (row,) = metrics(out)
     assert row["train/no_update"] == 1.0 and row["train/items"] == 0 and row["groups/kept_frac"] == 0
     assert "NO UPDATE" in proc.stdout and "accuracy filter dropped all 4 groups" in proc.stdout
-    assert "loss/grad_norm" not in row
+    assert "loss/grad_norm" not in row and "NO UPDATE: all 1 steps ended without" in proc.stderr

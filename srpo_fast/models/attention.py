@@ -95,22 +95,44 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, end]).to(torch.int32)
 
 
-def _segments_sdpa(q, k, v, cu: torch.Tensor, scale, dropout: float, causal: bool) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]; one SDPA call per sequence (no cross-sequence mask at all).
-
-    Each segment goes in as a 4-D [1, H, L, D] batch: torch's CPU SDPA picks its flash kernel only for 4-D inputs
-    and runs 3-D ones through the math kernel (3-4x slower forward+backward, and O(L^2) memory)."""
-    bounds = cu.tolist()
-    gqa = q.shape[1] != k.shape[1]
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+def _equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """(length, count) for each run of consecutive equal, non-zero lengths: runs of segments of one length go to
+    SDPA as one batch (a GRPO group's truncated responses, a vision tower's windows)."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if n == 0:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal, scale=scale,
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
+
+
+def _segments_sdpa(q, k, v, cu: torch.Tensor, scale, dropout: float, causal: bool) -> torch.Tensor:
+    """q [1, Hq, T, D], k/v [1, Hkv, T, D] (transformers' layout) → [1, T, Hq, D]; attention within each sequence
+    of `cu`, with no cross-sequence mask at all: one SDPA call per run of equal-length sequences (a [n, H, L, D]
+    batch), O(sum of L_i^2) work.
+
+    Why this shape: torch's CPU SDPA picks its flash kernel only for 4-D inputs (3-D ones run the math kernel,
+    3-4x slower forward+backward with O(L^2) memory), and the segments are views made by one split along the
+    sequence dimension, whose backward is a single concatenation (slicing each segment out would make autograd
+    build a zero-filled full-size gradient per segment: O(segments x T) work per layer)."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
+        raise ValueError(f"cu_seqlens {cu.tolist()} does not split the row's {q.shape[2]} tokens into sequences")
+    runs = _equal_length_runs(lengths)
+    gqa = q.shape[1] != k.shape[1]
+    sizes = [n * count for n, count in runs]
+    pieces = zip(*(t.split(sizes, dim=2) for t in (q, k, v))) if len(runs) > 1 else [(q, k, v)]
+    outs = []
+    for (n, count), piece in zip(runs, pieces):
+        if count > 1:  # [1, H, count*n, D] → [count, H, n, D]: a view in transformers' [B, L, H, D] memory order
+            piece = [t.transpose(1, 2).reshape(count, n, t.shape[1], t.shape[3]).transpose(1, 2) for t in piece]
+        out = F.scaled_dot_product_attention(*piece, dropout_p=dropout, is_causal=causal, scale=scale,
                                              enable_gqa=gqa)
-        outs.append(out[0].transpose(0, 1))
-    return torch.cat(outs, dim=0)
+        outs.append(out.transpose(1, 2).reshape(1, count * n, out.shape[1], out.shape[3]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _flash_attn(q, k, v, cu, max_len: int, scale, dropout: float, causal: bool) -> torch.Tensor:
@@ -170,12 +192,15 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     cu = cu.to(device=query.device, dtype=torch.int32)
     if not dropout or not module.training:
         dropout = 0.0
-    # [B, H, L, D] → [B*L, H, D]: a view for B == 1 (the packed case), one copy otherwise
-    q, k, v = (t.transpose(1, 2).reshape(batch * q_len, t.shape[1], t.shape[3]) for t in (query, key, value))
     backend = varlen_backend(query.device, query.dtype)
     if backend == "sdpa_segments":
-        out = _segments_sdpa(q, k, v, cu, scaling, dropout, causal)
+        # [B, H, L, D] → one row [1, H, B*L, D]: a view for B == 1 (the packed case), one copy otherwise
+        row = [t if batch == 1 else t.transpose(1, 2).reshape(1, batch * q_len, t.shape[1], t.shape[3]).transpose(
+            1, 2) for t in (query, key, value)]
+        out = _segments_sdpa(*row, cu, scaling, dropout, causal)[0]
     else:
+        # [B, H, L, D] → [B*L, H, D]: a view for B == 1 (the packed case), one copy otherwise
+        q, k, v = (t.transpose(1, 2).reshape(batch * q_len, t.shape[1], t.shape[3]) for t in (query, key, value))
         if max_len is None:
             max_len = int((cu[1:] - cu[:-1]).max())
         out = _VARLEN_IMPLS[backend](q, k, v, cu, int(max_len), scaling, dropout, causal)

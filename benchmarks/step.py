@@ -16,13 +16,18 @@ bf16 dense) unless --peak-tflops is given. Padding waste avoided = padded tokens
   python benchmarks/step.py --smoke --out X.json  # CPU: the tiny kit's text model (what the test runs)
   python benchmarks/step.py --scaling             # CPU: tiny text model, full-length mix, 2k -> 32k real tokens
 The scaling run reports cost per real token (us) per step size for both variants, and its spread (largest / smallest
-across sizes): a packed path that grows super-linearly with the step size shows there, not in one number.
+across sizes): a packed path that grows super-linearly with the step size shows there, not in one number. Its sizes
+are timed in interleaved rounds (drift of a shared machine hits every size alike), short steps several times per
+round; it also reports the cost per model GFLOP, which the step's length mix does not move (a mix of longer
+sequences costs more per token: attention grows with the length), and the mix itself (sum L^2 / sum L).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -172,38 +177,41 @@ def measure(label: str, step, setup, device, warmup: int, iters: int, flops: flo
     return result
 
 
-def run_model(name: str, model, samples: list[Sample], max_tokens: int, device: torch.device, args,
-              peak_flops: float | None) -> dict:
+def prepare_case(name: str, model, samples: list[Sample], max_tokens: int, device: torch.device) -> dict:
+    """Both variants' micro-batches for `samples` (the trainer's packing plan for one rank; consecutive padded
+    micro-batches), the useful FLOPs, and a description of the length mix."""
     real_tokens = sum(s.num_tokens for s in samples)
     responses = sum(s.response_ids.numel() for s in samples)
-    flops = model_flops(model, samples)
     plan = plan_rank_microbatches([s.num_tokens for s in samples], 1, max_tokens)  # the trainer's plan, one rank
-    packed = pack_planned(plan.microbatches[0], samples.__getitem__)
-    packed_dev = [b.to(device) for b in packed]
-    groups = padded_microbatches(samples, max_tokens)
-    padded = build_padded(samples, groups, pad_id=0, device=device)
+    packed = [b.to(device) for b in pack_planned(plan.microbatches[0], samples.__getitem__)]
+    padded = build_padded(samples, padded_microbatches(samples, max_tokens), pad_id=0, device=device)
     padded_tokens = sum(b["input_ids"].numel() for b in padded)
-    dtype = next(model.parameters()).dtype
     print(f"{name}: {len(samples)} samples, {real_tokens} tokens ({responses} response), "
           f"{len(packed)} packed rows vs {len(padded)} padded micro-batches ({padded_tokens} padded tokens)",
           flush=True)
+    # attention's work per token grows with the sequence length: sum(L^2) / sum(L) says how long the mix is
+    mix = {"samples": len(samples), "length_weighted_mean_tokens": sum(s.num_tokens ** 2 for s in samples) /
+           real_tokens, "response_fraction": responses / real_tokens}
+    return dict(name=name, samples=samples, real_tokens=real_tokens, responses=responses, packed=packed,
+                padded=padded, padded_tokens=padded_tokens, flops=model_flops(model, samples), mix=mix)
 
-    def zero():
-        model.zero_grad(set_to_none=True)
 
-    set_attention(model, register_varlen_attention())
-    result_packed = measure("packed", lambda _: packed_step(model, packed_dev, responses), zero, device,
-                            args.warmup, args.iters, flops, real_tokens, peak_flops)
-    set_attention(model, "sdpa")
-    result_padded = measure("padded", lambda _: padded_step(model, padded, responses), zero, device,
-                            args.warmup, args.iters, flops, real_tokens, peak_flops)
-    model.zero_grad(set_to_none=True)
-    result_packed.update(microbatches=len(packed), row_tokens=[b.num_tokens for b in packed])
-    result_padded.update(microbatches=len(padded), computed_tokens=padded_tokens,
+def case_steps(model, case: dict) -> dict:
+    """variant -> (attention implementation, step function of no argument)."""
+    return {"packed": (register_varlen_attention(), lambda: packed_step(model, case["packed"], case["responses"])),
+            "padded": ("sdpa", lambda: padded_step(model, case["padded"], case["responses"]))}
+
+
+def case_result(model, case: dict, result_packed: dict, result_padded: dict) -> dict:
+    real_tokens, padded_tokens = case["real_tokens"], case["padded_tokens"]
+    dtype = next(model.parameters()).dtype
+    result_packed.update(microbatches=len(case["packed"]), row_tokens=[b.num_tokens for b in case["packed"]])
+    result_padded.update(microbatches=len(case["padded"]), computed_tokens=padded_tokens,
                          padding_fraction=1 - real_tokens / padded_tokens)
     out = {"params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).replace("torch.", ""),
-           "real_tokens": real_tokens, "response_tokens": responses, "model_tflop_per_step": flops / 1e12,
-           "attention_backend": varlen_backend(device, dtype),
+           "real_tokens": real_tokens, "response_tokens": case["responses"], "length_mix": case["mix"],
+           "model_tflop_per_step": case["flops"] / 1e12,
+           "attention_backend": varlen_backend(case["packed"][0].input_ids.device, dtype),
            "padding_waste_avoided": {"tokens": padded_tokens - real_tokens,
                                      "fraction_of_padded": 1 - real_tokens / padded_tokens},
            "packed": result_packed, "padded": result_padded}
@@ -212,6 +220,22 @@ def run_model(name: str, model, samples: list[Sample], max_tokens: int, device: 
         out["logp_sum_rel_diff"] = abs(result_packed["logp_sum"] - result_padded["logp_sum"]) / max(
             1.0, abs(result_padded["logp_sum"]))
     return out
+
+
+def run_model(name: str, model, samples: list[Sample], max_tokens: int, device: torch.device, args,
+              peak_flops: float | None) -> dict:
+    case = prepare_case(name, model, samples, max_tokens, device)
+
+    def zero():
+        model.zero_grad(set_to_none=True)
+
+    results = {}
+    for variant, (attn, step) in case_steps(model, case).items():
+        set_attention(model, attn)
+        results[variant] = measure(variant, lambda _: step(), zero, device, args.warmup, args.iters, case["flops"],
+                                   case["real_tokens"], peak_flops)
+    model.zero_grad(set_to_none=True)
+    return case_result(model, case, results["packed"], results["padded"])
 
 
 def build_cuda_model(name: str, device: torch.device, seed: int):
@@ -252,7 +276,12 @@ def samples_for(tokens: int, seed: int, vocab: int) -> list[Sample]:
 
 
 def scaling(args) -> dict:
-    """Cost per real token across step sizes on CPU (tiny kit's text model, full-length mix): flat means linear."""
+    """Cost per real token across step sizes on CPU (tiny kit's text model, full-length mix): flat means linear.
+
+    Timing is interleaved: every round times each size's packed and padded step in turn, so a shared machine's drift
+    (another job starting, the load changing) lands on every size alike instead of on whichever size ran then. A
+    short step is timed several times per round (enough for --min-round-s of work), so the small sizes get as many
+    seconds of samples as the large ones. Per size and variant: the median over all its samples."""
     from srpo_fast.models import load_policy
     from srpo_fast.tiny import ensure_tiny_kit
 
@@ -260,26 +289,66 @@ def scaling(args) -> dict:
     kit = ensure_tiny_kit(Path(tempfile.mkdtemp(prefix="step_kit_")), seed=0)
     model = load_policy(kit["text"], dtype=torch.float32, gradient_checkpointing=True)
     max_tokens = args.max_tokens or 4096
+    clock = CLOCKS[CLOCK]
+    cases = [prepare_case(f"tokens_{size}", model, samples_for(size, args.seed, model.config.vocab_size),
+                          max_tokens, device) for size in args.sizes]
+    plans = []  # (case index, variant, attention implementation, step, repeats per round)
+    for i, case in enumerate(cases):
+        for variant, (attn, step) in case_steps(model, case).items():
+            set_attention(model, attn)
+            for _ in range(max(1, args.warmup)):  # warm-up; its time sets the repeats per round
+                t0 = clock()
+                step()
+                first = clock() - t0
+                model.zero_grad(set_to_none=True)
+            plans.append((i, variant, attn, step, max(1, math.ceil(args.min_round_s / max(first, 1e-6)))))
+    samples = {(i, variant): [] for i, variant, *_ in plans}
+    logp = {}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.iters):
+        for i, variant, attn, step, repeats in plans:
+            set_attention(model, attn)
+            for _ in range(repeats):
+                t0 = clock()
+                logp[i, variant] = step()
+                samples[i, variant].append((clock() - t0) * 1e3)
+                model.zero_grad(set_to_none=True)
+        load.append(os.getloadavg()[0])
     results = {}
-    for size in args.sizes:
-        samples = samples_for(size, args.seed, model.config.vocab_size)
-        result = run_model(f"tokens_{size}", model, samples, max_tokens, device, args, None)
+    for i, (size, case) in enumerate(zip(args.sizes, cases)):
+        per_variant = {}
+        for variant, (attn, step) in case_steps(model, case).items():
+            set_attention(model, attn)
+            times = samples[i, variant]
+            seconds = statistics.median(times) / 1e3
+            per_variant[variant] = {
+                "step_ms": seconds * 1e3, "min_ms": min(times), "max_ms": max(times), "timed_runs": len(times),
+                "tokens_per_s": case["real_tokens"] / seconds, "us_per_real_token": seconds * 1e6 / case["real_tokens"],
+                "us_per_model_gflop": seconds * 1e6 / (case["flops"] / 1e9),
+                "peak_mem_GB": peak_memory_bytes(step, device=device) / 2 ** 30,
+                "tflops": case["flops"] / seconds / 1e12, "mfu": None, "logp_sum": logp[i, variant]}
+            model.zero_grad(set_to_none=True)
+        result = case_result(model, case, per_variant["packed"], per_variant["padded"])
+        result["packed_over_padded_time"] = 1.0 / result["speedup"]
         for variant in ("packed", "padded"):
-            if "tokens_per_s" in result[variant]:
-                result[variant]["us_per_real_token"] = 1e6 / result[variant]["tokens_per_s"]
-        if "speedup" in result:
-            result["packed_over_padded_time"] = 1.0 / result["speedup"]
+            r = result[variant]
+            print(f"  {size:6d} {variant:7s} {r['step_ms']:9.1f} ms  {r['us_per_real_token']:7.1f} us/token  "
+                  f"{r['us_per_model_gflop']:7.1f} us/GFLOP  ({r['timed_runs']} runs)", flush=True)
         results[str(size)] = result
     spread = {}
     for variant in ("packed", "padded"):
-        costs = [r[variant]["us_per_real_token"] for r in results.values() if "us_per_real_token" in r[variant]]
-        if costs:
-            spread[variant] = {"us_per_real_token": costs, "max_over_min": max(costs) / min(costs)}
+        costs = [r[variant]["us_per_real_token"] for r in results.values()]
+        work = [r[variant]["us_per_model_gflop"] for r in results.values()]
+        spread[variant] = {"us_per_real_token": costs, "max_over_min": max(costs) / min(costs),
+                           "us_per_model_gflop": work, "work_max_over_min": max(work) / min(work)}
     print("cost per real token (us): " + "; ".join(
-        f"{v} " + " ".join(f"{c:.1f}" for c in d["us_per_real_token"]) + f" (max/min {d['max_over_min']:.2f})"
-        for v, d in spread.items()), flush=True)
+        f"{v} " + " ".join(f"{c:.1f}" for c in d["us_per_real_token"]) + f" (max/min {d['max_over_min']:.2f}, "
+        f"per model FLOP {d['work_max_over_min']:.2f})" for v, d in spread.items()), flush=True)
+    print("packed / padded time: " + " ".join(f"{r['packed_over_padded_time']:.3f}" for r in results.values()),
+          flush=True)
     return {"smoke": False, "scaling": True, "device": "cpu", "sizes": args.sizes, "clock": CLOCK,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "rounds": args.iters, "min_round_s": args.min_round_s,
+            "load_average_1min": {"min": min(load), "max": max(load), "per_round": load},
             "max_tokens_per_microbatch": max_tokens, "gradient_checkpointing": True, "results": results,
             "cost_spread": spread}
 
@@ -318,10 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 4096, 8192, 16384, 32768],
                         help="real tokens per step for --scaling")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="CPU: wall or process CPU time")
+    parser.add_argument("--min-round-s", type=float, default=1.0,
+                        help="--scaling: seconds of timed work per size, variant and round (short steps repeat)")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = args.clock
-    args.iters = args.iters or (1 if args.smoke else 3)
+    args.iters = args.iters or (1 if args.smoke else 5 if args.scaling else 3)
     data = scaling(args) if args.scaling else smoke(args) if args.smoke else full(args)
     name = "step_scaling" if args.scaling else "step_smoke" if args.smoke else "step"
     path = write_results(name, data, args.out)

@@ -45,7 +45,7 @@ def test_step_benchmark_scaling_reports_cost_per_real_token(tmp_path):
     """--scaling: one run per step size on the full-length mix; cost per real token per variant and its spread."""
     out = tmp_path / "scaling.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--scaling", "--sizes", "600",
-                           "1500", "--max-tokens", "2048", "--iters", "1", "--out", str(out)],
+                           "1500", "--max-tokens", "2048", "--iters", "2", "--min-round-s", "0.3", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,6 +59,15 @@ def test_step_benchmark_scaling_reports_cost_per_real_token(tmp_path):
             assert math.isclose(result[variant]["us_per_real_token"], 1e6 / result[variant]["tokens_per_s"])
         ratio = result["packed"]["step_ms"] / result["padded"]["step_ms"]
         assert math.isclose(result["packed_over_padded_time"], ratio)
+        mix = result["length_mix"]
+        assert mix["length_weighted_mean_tokens"] >= result["real_tokens"] / mix["samples"]  # sum L^2 / sum L >= mean
+        assert math.isclose(mix["response_fraction"], result["response_tokens"] / result["real_tokens"])
+        for variant in ("packed", "padded"):
+            r = result[variant]
+            # interleaved rounds, short steps repeated within a round: at least one run per round
+            assert r["timed_runs"] >= 2 and r["min_ms"] <= r["step_ms"] <= r["max_ms"]
+            assert math.isclose(r["us_per_model_gflop"], r["step_ms"] * 1e3 / (result["model_tflop_per_step"] * 1e3))
+    assert len(data["load_average_1min"]["per_round"]) == 3  # before the first round and after each
     for variant in ("packed", "padded"):
         costs = data["cost_spread"][variant]["us_per_real_token"]
         assert costs == [r[variant]["us_per_real_token"] for r in data["results"].values()]

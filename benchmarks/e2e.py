@@ -10,8 +10,15 @@ all of them alike. Per run: median over the steady steps (the first is warm-up) 
 (srpo_fast: its rollout phase; TRL: its `_generate`), the rest of the step (reward, log-probs, update, weight sync),
 response tokens/s, and the process's peak RSS. Reported: median over repeats with min/max.
 
+Also per srpo_fast run: the update's useful FLOPs (the policy's forward + backward over every trained token: step.py's
+formula on the language model; the frozen vision tower's forward, the optimizer step and any reference forward are not
+counted) and the update's achieved TFLOP/s, and on an H100/H200 its MFU (of 989 TFLOP/s bf16 dense).
+A framework whose packages do not import here (TRL without `trl`/`datasets`, either one with vLLM but no `vllm`)
+is reported as unavailable, with the import error, and not run.
+
   python benchmarks/e2e.py                        # 8 prompts x 8 samples x 128 tokens, 3 steps, 5 repeats
   python benchmarks/e2e.py --smoke --out X.json   # 2 x 2 x 8 tokens, 2 steps, one repeat (the test suite runs it)
+  python benchmarks/e2e.py --gpu --model DIR      # CUDA, bf16, a VL model of your choice (the GPU check's part)
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 FRAMEWORKS = ("srpo_vllm", "srpo_hf", "trl_hf", "trl_vllm")
+H100_BF16_DENSE_TFLOPS = 989.0
+# what each framework imports beyond srpo_fast's own requirements (probed before any run)
+NEEDS = {"srpo_vllm": ("vllm",), "srpo_hf": (), "trl_hf": ("trl", "datasets"), "trl_vllm": ("trl", "datasets", "vllm")}
 LABELS = {"srpo_vllm": "srpo_fast + vLLM (default)", "srpo_hf": "srpo_fast + HF engine",
           "trl_hf": "TRL + HF generate", "trl_vllm": "TRL + vLLM colocate (stock)"}
 
@@ -53,23 +63,57 @@ def run_srpo(args, engine: str) -> dict:
     from srpo_fast.utils.distributed import init_distributed
     from srpo_fast.utils.metrics import read_metrics
 
+    import srpo_fast.train.grpo as grpo
+
     init_distributed()  # what `python -m srpo_fast.train` does first (a one-rank group here)
     work = Path(args.work)
+    flops: list[float] = []
+    update = grpo.policy_update
+
+    def counted_update(cfg, run, items, *rest):  # measurement only: the trainer's own update, its work counted
+        flops.append(update_flops(run.model, [(it.sample.num_tokens, it.sample.response_ids.numel())
+                                              for it in items.local.values()]))
+        return update(cfg, run, items, *rest)
+
+    grpo.policy_update = counted_update
     data = write_dataset(_records(args), work / "data")
     overrides = [f"model.path={args.kit}", f"data.train_files=[{data}]", f"rollout.engine={engine}",
                  f"rollout.n={args.n}", f"train.prompts_per_step={args.prompts}", f"rollout.max_tokens={args.tokens}",
                  "rollout.temperature=1.0", "algo.filter_groups=false", "train.val_every=0", "train.epochs=1",
                  f"train.max_steps={args.steps}", f"train.save_every={args.steps + 1}", "log.progress=false",
-                 f"train.output_dir={work / 'run'}", "data.shuffle=false", f"train.seed={args.seed}"]
+                 f"train.output_dir={work / 'run'}", "data.shuffle=false", f"train.seed={args.seed}",
+                 f"model.dtype={'bfloat16' if args.gpu else 'float32'}"]
     if engine == "vllm":
         overrides += ["rollout.kv_cache_gb=0.25", "rollout.max_model_len=1024"]
     cfg = load_config(HERE.parent / "configs" / "demo_cpu.yaml", overrides)
     train_grpo(cfg)
     rows = read_metrics(work / "run" / "metrics.jsonl")
+    if len(flops) != len(rows):
+        raise RuntimeError(f"{len(flops)} updates counted for {len(rows)} logged steps")
     return {"steps": [{"step_s": r["timing/step_s"], "generation_s": r["timing/rollout_s"],
                        "reward_s": r.get("timing/reward_s", 0.0), "update_s": r.get("timing/train_s", 0.0),
-                       "sync_s": r.get("timing/sync_s", 0.0),
-                       "response_tokens": r["response/length_mean"] * r["rollout/samples"]} for r in rows]}
+                       "sync_s": r.get("timing/sync_s", 0.0), "update_tflop": f / 1e12,
+                       "response_tokens": r["response/length_mean"] * r["rollout/samples"]}
+                      for r, f in zip(rows, flops)]}
+
+
+def update_flops(model, sequences: list[tuple[int, int]]) -> float:
+    """Useful FLOPs of one forward + backward of the policy over `sequences` [(tokens, response tokens)]:
+    6 x (language-model parameters without embeddings) x tokens + 6 x V x H x response tokens (the LM head scores
+    response tokens only) + 6 x layers x H x sum(L^2) (causal attention), as benchmarks/step.py counts them."""
+    from srpo_fast.models.loading import backbone, output_head
+
+    inner = backbone(model)
+    language = getattr(inner, "language_model", inner)
+    embed = model.get_input_embeddings().weight
+    head = output_head(model)[0]
+    body = sum(p.numel() for p in language.parameters()) - embed.numel()
+    config = getattr(model.config, "text_config", model.config)
+    tokens = sum(n for n, _ in sequences)
+    responses = sum(r for _, r in sequences)
+    square = sum(n * n for n, _ in sequences)
+    return (6.0 * body * tokens + 6.0 * head.numel() * responses
+            + 6.0 * config.num_hidden_layers * config.hidden_size * square)
 
 
 def run_trl(args, use_vllm: bool) -> dict:
@@ -99,8 +143,8 @@ def run_trl(args, use_vllm: bool) -> dict:
     config = GRPOConfig(output_dir=str(Path(args.work) / "trl"), per_device_train_batch_size=args.prompts * args.n,
                         gradient_accumulation_steps=1, num_generations=args.n, max_completion_length=args.tokens,
                         temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-4, num_train_epochs=1,
-                        max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                        bf16=False, seed=args.seed, dataloader_num_workers=0, **extra)
+                        max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no",
+                        use_cpu=not args.gpu, bf16=args.gpu, seed=args.seed, dataloader_num_workers=0, **extra)
     processor = load_processor(args.kit)
     trainer = GRPOTrainer(model=args.kit, reward_funcs=paper_reward, args=config, train_dataset=dataset,
                           processing_class=processor)
@@ -148,6 +192,10 @@ def worker(args) -> None:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
                   "traceback": traceback.format_exc()[-4000:]}
     result.update(wall_s=time.perf_counter() - start, peak_rss_gb=_peak_rss_gb())
+    if args.gpu:
+        import torch
+
+        result["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"[e2e worker] {args.worker}: {result['status']}", flush=True)
     os._exit(0)  # in-process vLLM engines may hang in teardown; the result is written
@@ -159,7 +207,7 @@ def steady(steps: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], peak_tflops: float | None = None) -> dict:
     ok = [r for r in runs if r["status"] == "ok" and r.get("steps")]
     out = {"runs": len(runs), "ok": len(ok)}
     errors = sorted({r.get("error", "no steps") for r in runs if r not in ok})
@@ -175,10 +223,16 @@ def summarize(runs: list[dict]) -> dict:
         row = {"step_s": step, "generation_s": gen, "rest_s": step - gen if gen is not None else None,
                "steps_per_s": 1.0 / step, "tokens_per_s": tokens / step if tokens else None,
                "peak_rss_gb": r["peak_rss_gb"]}
-        for key in ("reward_s", "update_s", "sync_s"):
+        for key in ("reward_s", "update_s", "sync_s", "update_tflop"):
             value = steady(r["steps"], key)
             if value is not None:
                 row[key] = value
+        if row.get("update_tflop") and row.get("update_s"):
+            row["update_tflops"] = row["update_tflop"] / row["update_s"]
+            if peak_tflops:
+                row["update_mfu"] = row["update_tflops"] / peak_tflops
+        if r.get("peak_gpu_mem_gb") is not None:
+            row["peak_gpu_mem_gb"] = r["peak_gpu_mem_gb"]
         per_run.append(row)
     for key in per_run[0]:
         values = [p[key] for p in per_run if p.get(key) is not None]
@@ -191,11 +245,10 @@ def run_worker(name: str, args, kit: Path, work: Path, timeout_s: float) -> dict
     out = work / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--kit", str(kit), "--work",
            str(work / name), "--out", str(out), "--prompts", str(args.prompts), "--n", str(args.n),
-           "--tokens", str(args.tokens), "--steps", str(args.steps), "--seed", str(args.seed)]
+           "--tokens", str(args.tokens), "--steps", str(args.steps), "--seed", str(args.seed),
+           *(["--gpu"] if args.gpu else [])]
     (work / name).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = worker_env(args)
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=HERE.parent)
@@ -210,24 +263,81 @@ def run_worker(name: str, args, kit: Path, work: Path, timeout_s: float) -> dict
     return result
 
 
+def worker_env(args) -> dict:
+    pythonpath = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))  # keep carried wheels
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def unavailable(name: str, args) -> str | None:
+    """Why `name` cannot run here (its first import error), or None: imported in a child, as the worker would."""
+    if not NEEDS[name]:
+        return None
+    code = "\n".join(f"import {module}" for module in NEEDS[name])
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=worker_env(args), cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return f"importing {', '.join(NEEDS[name])} took over 300 s"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"importing {', '.join(NEEDS[name])} exited {proc.returncode}"
+
+
 def driver(args) -> dict:
     from srpo_fast.tiny import ensure_tiny_kit
 
     work = Path(tempfile.mkdtemp(prefix="e2e_"))
-    kit = ensure_tiny_kit(work / "kit", seed=0)["vl"]
-    runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
+    kit = Path(args.model) if args.model else ensure_tiny_kit(work / "kit", seed=0)["vl"]
+    missing = {name: why for name in args.frameworks if (why := unavailable(name, args))}
+    for name, why in missing.items():
+        print(f"[e2e] {name:10s} not available here: {why}", flush=True)
+    names = [name for name in args.frameworks if name not in missing]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    if not names:  # nothing can run here: the report says why
+        return report(args, runs, rounds=0, missing=missing)
     for round_ in range(args.repeats):
-        order = args.frameworks[round_ % len(args.frameworks):] + args.frameworks[:round_ % len(args.frameworks)]
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in order:
             runs[name].append(run_worker(name, args, kit, work / f"r{round_}", args.timeout_s))
-        data = report(args, runs, rounds=round_ + 1)  # rewritten after every round: a cut-short run keeps its rounds
-    return data
+        data = report(args, runs, rounds=round_ + 1, missing=missing)  # rewritten after every round: a cut-short
+    return data                                                          # run keeps its finished rounds
 
 
-def report(args, runs: dict[str, list[dict]], rounds: int) -> dict:
+def describe_model(args) -> str:
+    if not args.model:
+        return "tiny Qwen2.5-VL"
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    text = config.get("text_config", config)
+    return (f"{Path(args.model).name}: {config.get('model_type')}, {text.get('num_hidden_layers')} layers, hidden "
+            f"{text.get('hidden_size')}, MLP {text.get('intermediate_size')}")
+
+
+def device_name(args) -> str:
+    if not args.gpu:
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def peak_tflops(args, device: str) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    return H100_BF16_DENSE_TFLOPS if ("H100" in device or "H200" in device) else None
+
+
+def report(args, runs: dict[str, list[dict]], rounds: int, missing: dict[str, str] | None = None) -> dict:
     from benchmarks._common import write_results
 
-    summary = {name: {"label": LABELS[name], **summarize(rs)} for name, rs in runs.items()}
+    device = device_name(args)
+    peak = peak_tflops(args, device)
+    summary = {name: {"label": LABELS[name], **summarize(rs, peak)} for name, rs in runs.items()}
+    for name, why in (missing or {}).items():
+        summary[name] = {"label": LABELS[name], "unavailable": why}
     ratios = {}
 
     def ratio(a: str, b: str) -> float | None:
@@ -238,20 +348,28 @@ def report(args, runs: dict[str, list[dict]], rounds: int) -> dict:
         value = ratio(a, b)
         if value is not None:
             ratios[f"{a}_over_{b}_steps_per_s"] = value
-    data = {"smoke": args.smoke, "device": "cpu", "cpu_count": os.cpu_count(),
+    data = {"smoke": args.smoke, "device": device, "cpu_count": os.cpu_count(),
             "omp_num_threads": args.threads or os.environ.get("OMP_NUM_THREADS"),
-            "load_average_at_end": os.getloadavg(),
+            "load_average_at_end": os.getloadavg(), "peak_tflops": peak,
             "work": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens, "steps": args.steps,
-                     "repeats": rounds, "temperature": 1.0, "optimizer": "AdamW", "model": "tiny Qwen2.5-VL"},
+                     "repeats": rounds, "temperature": 1.0, "optimizer": "AdamW", "model": describe_model(args),
+                     **({"dtype": "bfloat16"} if args.gpu else {})},
             "summary": summary, "ratios": ratios, "runs": runs}
     for s in summary.values():
         if "step_s" in s:
+            mfu = s.get("update_mfu", {}).get("median")
+            tflops = s.get("update_tflops", {}).get("median")
             print(f"{s['label']:32s} {s['step_s']['median']:7.2f} s/step [{s['step_s']['min']:.2f}, "
                   f"{s['step_s']['max']:.2f}]  gen {s['generation_s']['median']:6.2f} s  "
-                  f"rest {s['rest_s']['median']:6.2f} s  peak {s['peak_rss_gb']['median']:.2f} GB", flush=True)
+                  f"rest {s['rest_s']['median']:6.2f} s  peak {s['peak_rss_gb']['median']:.2f} GB"
+                  + (f"  update {tflops:.3g} TFLOP/s" if tflops else "")
+                  + (f" (MFU {mfu * 100:.1f}%)" if mfu else ""), flush=True)
+        elif "unavailable" in s:
+            print(f"{s['label']:32s} not available: {s['unavailable']}", flush=True)
         else:
             print(f"{s['label']:32s} failed: {s.get('errors')}", flush=True)
-    path = write_results("e2e_smoke" if args.smoke else "e2e", data, args.out)
+    default = ("e2e_gpu_smoke" if args.smoke else "e2e_gpu") if args.gpu else "e2e_smoke" if args.smoke else "e2e"
+    path = write_results(default, data, args.out)
     _plot(path.with_suffix(".png"), summary)
     print(f"wrote {path}")
     return data
@@ -281,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per framework run")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every worker (1 keeps a shared, oversubscribed machine fair)")
+    parser.add_argument("--gpu", action="store_true", help="CUDA in bf16 (srpo_fast: model.dtype=bfloat16; TRL: bf16)")
+    parser.add_argument("--model", default=None, help="a Qwen2.5-VL model dir with its processor (default: tiny kit)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: H100 bf16)")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--kit", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -288,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
     if args.smoke:
         args.prompts, args.n, args.tokens, args.steps, args.repeats = 2, 2, 8, 2, 1
     driver(args)

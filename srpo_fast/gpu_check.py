@@ -4,12 +4,15 @@ Parts, in this order, each in its own process with its own time limit (a hang or
 rest still run), all within --budget-s (470 s: under 8 minutes; a part that would start later is skipped, said so):
   env        python / torch / CUDA / triton / transformers versions, the GPU, which attention and engine backends exist
   pytest     every `gpu`-marked test, Triton compiled for real (TRITON_INTERPRET=0)
-  train      3 GRPO steps of the real trainer in bf16 with the HF engine on a model with Qwen2.5-VL-3B-shaped layers,
+  train      2 GRPO steps of the real trainer in bf16 with the HF engine on a model with Qwen2.5-VL-3B-shaped layers,
   train_offload  the same with train.cpu_offload=true
   kernels    benchmarks/kernels.py at the target shapes (torch.compile peers off: their compile time would not fit)
   step       benchmarks/step.py on a Qwen2.5-VL-3B-shaped random text model (packed vs padded forward+backward)
-Writes gpu_check.json (everything, the trainer's per-step metrics included), gpu_check.md (a summary), kernels.json
-and step.json (the benchmarks' own results) to --out: five files.
+  e2e        benchmarks/e2e.py --gpu on the trainer parts' model: srpo_fast + HF engine vs TRL + HF generate, 3 steps
+             each (TRL only where `trl` and `datasets` import, e.g. from wheels in .whl/; else reported unavailable),
+             with the update's MFU; last, with what is left of the budget (at most 150 s)
+Writes gpu_check.json (everything, the trainer's per-step metrics included), gpu_check.md (a summary), kernels.json,
+step.json and e2e.json (the benchmarks' own results) to --out: five files.
 
 `--dry-run` runs the same parts on the CPU with tiny shapes (pytest's gpu tests then skip, the benchmarks run their
 smoke modes, the trainer one step on the tiny kit in fp32): the test suite runs it so the check cannot rot.
@@ -134,7 +137,7 @@ def build_parts(out: Path, work: Path, dry_run: bool) -> list[Part]:
     tests_path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"),
                                                               os.environ.get("PYTHONPATH")]))}
     model_dir = work / "model"
-    steps, dtype = (1, "float32") if dry_run else (3, "bfloat16")
+    steps, dtype = (1, "float32") if dry_run else (2, "bfloat16")  # 2: a warm-up step and a steady one
     parts = [
         Part("env", [py, "-m", "srpo_fast.gpu_check", "--part", "env"], 60, dict(interpret)),
         Part("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
@@ -150,6 +153,13 @@ def build_parts(out: Path, work: Path, dry_run: bool) -> list[Part]:
         Part("step", [py, "benchmarks/step.py", "--out", str(work / "step.json"),
                       *(["--smoke"] if dry_run else ["--models", "qwen2_5_vl_3b_text", "--samples", "32"])], 120,
              dict(interpret)),
+        # the same model as the trainer parts; the GPU work: 16 prompts x 8 samples x 256 tokens (a steady step is
+        # a few seconds of generation and a real update), one run per framework
+        Part("e2e", [py, "benchmarks/e2e.py", "--out", str(work / "e2e.json"), "--model", str(model_dir),
+                     "--frameworks", "srpo_hf", "trl_hf",
+                     *(["--smoke", "--threads", "1"] if dry_run else
+                       ["--gpu", "--prompts", "16", "--n", "8", "--tokens", "256", "--steps", "3", "--repeats", "1",
+                        "--timeout-s", "100"])], 150, dict(interpret)),
     ]
     return parts
 
@@ -182,11 +192,12 @@ def read_results(part: Part, out: Path, work: Path) -> None:
             failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                       if case.find("failure") is not None or case.find("error") is not None]
             part.result = {**counts, "failed": failed}
-        elif part.name in ("kernels", "step") and (work / f"{part.name}.json").is_file():
+        elif part.name in ("kernels", "step", "e2e") and (work / f"{part.name}.json").is_file():
             shutil.copy2(work / f"{part.name}.json", out / f"{part.name}.json")
             data = json.loads((out / f"{part.name}.json").read_text())
             part.result = ({"targets": data.get("targets"), "copy_bandwidth_GBps": data.get("copy_bandwidth_GBps")}
-                           if part.name == "kernels" else _step_summary(data))
+                           if part.name == "kernels" else _step_summary(data) if part.name == "step"
+                           else _e2e_summary(data))
         elif part.name.startswith("train"):
             metrics = work / part.name / "metrics.jsonl"
             if metrics.is_file():  # every logged metric, in the summary JSON (few files come back from a lease)
@@ -202,6 +213,20 @@ def _step_summary(data: dict) -> dict:
         out[name] = {"speedup_packed_vs_padded": r.get("speedup"), "attention_backend": r.get("attention_backend"),
                      **{f"{v}_{k}": r.get(v, {}).get(k) for v in ("packed", "padded")
                         for k in ("tokens_per_s", "mfu", "peak_mem_GB", "oom")}}
+    return out
+
+
+def _e2e_summary(data: dict) -> dict:
+    """Per framework: unavailable (why), failed (errors), or its medians, the update's MFU included."""
+    out: dict = {"device": data.get("device"), "work": data.get("work"), "ratios": data.get("ratios", {})}
+    for name, s in data.get("summary", {}).items():
+        if "unavailable" in s:
+            out[name] = {"unavailable": s["unavailable"]}
+        elif "step_s" not in s:
+            out[name] = {"errors": s.get("errors")}
+        else:
+            out[name] = {k: s[k]["median"] for k in ("step_s", "generation_s", "rest_s", "update_s", "tokens_per_s",
+                                                     "update_tflops", "update_mfu", "peak_gpu_mem_gb") if k in s}
     return out
 
 
@@ -230,11 +255,26 @@ def _brief(part: dict) -> str:
     if part["name"] == "step":
         return "; ".join(f"{k}: packed/padded {v.get('speedup_packed_vs_padded') or 0:.2f}x, MFU "
                          f"{(v.get('packed_mfu') or 0) * 100:.1f}%" for k, v in r.items())
+    if part["name"] == "e2e" and r.get("work"):
+        return "; ".join(_e2e_brief(name, v) for name, v in r.items() if name not in ("device", "work", "ratios"))
     if part["name"].startswith("train") and r.get("steps"):
         last = r["steps"][-1]
         return (f"{len(r['steps'])} steps, last {last.get('timing/step_s', 0):.1f} s, peak "
                 f"{last.get('perf/gpu_mem_peak_GB', 0):.1f} GB, grad norm {last.get('loss/grad_norm', 0):.3g}")
     return ""
+
+
+def _e2e_brief(name: str, v: dict) -> str:
+    if "unavailable" in v:
+        return f"{name}: not available ({v['unavailable'][:80]})"
+    if "step_s" not in v:
+        return f"{name}: failed"
+    parts = [f"generation {v['generation_s']:.2f} s"] if "generation_s" in v else []
+    if "update_s" in v:
+        parts.append(f"update {v['update_s']:.2f} s")
+    if v.get("update_mfu") is not None:
+        parts.append(f"update MFU {v['update_mfu'] * 100:.1f}%")
+    return f"{name}: {v['step_s']:.2f} s/step ({', '.join(parts)})"
 
 
 def run_check(out: Path, dry_run: bool, only: set[str] | None = None, budget_s: float = 470.0) -> dict:
@@ -245,7 +285,7 @@ def run_check(out: Path, dry_run: bool, only: set[str] | None = None, budget_s: 
     parts = build_parts(out, work, dry_run)
     if only:
         parts = [p for p in parts if p.name in only]
-    if any(p.name.startswith("train") for p in parts):
+    if any(p.name.startswith("train") or p.name == "e2e" for p in parts):
         prepare_model(work, dry_run)
     for part in parts:
         left = budget_s - (time.perf_counter() - start)

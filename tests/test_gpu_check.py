@@ -31,7 +31,7 @@ def test_parts_past_the_budget_are_skipped_and_said_so(tmp_path):
 def test_dry_run_goes_through_every_part(tmp_path):
     summary = run_check(tmp_path, dry_run=True, budget_s=3600)  # a loaded 2-core machine: no budget to speak of
     parts = {p["name"]: p for p in summary["parts"]}
-    assert list(parts) == ["env", "pytest", "train", "train_offload", "kernels", "step"]
+    assert list(parts) == ["env", "pytest", "train", "train_offload", "kernels", "step", "e2e"]
     assert all(p["status"] == "ok" for p in parts.values()), {n: p["tail"][-800:] for n, p in parts.items()
                                                               if p["status"] != "ok"}
     assert parts["env"]["result"]["torch"] and parts["pytest"]["result"]["failures"] == 0
@@ -39,7 +39,18 @@ def test_dry_run_goes_through_every_part(tmp_path):
     for name in ("train", "train_offload"):
         steps = parts[name]["result"]["steps"]
         assert len(steps) == 1 and steps[0]["loss/grad_norm"] > 0  # the step updated the policy
+    # e2e: srpo_fast + HF engine ran its steps on the trainer parts' model, with the update's work counted; TRL ran
+    # too where it imports (the CPU venv has it), else it is reported unavailable with the reason
+    e2e = parts["e2e"]["result"]
+    assert e2e["device"] == "cpu" and e2e["work"]["model"].startswith("model: qwen2_5_vl")
+    srpo = e2e["srpo_hf"]
+    assert srpo["step_s"] > srpo["update_s"] > 0 and srpo["update_tflops"] > 0 and "update_mfu" not in srpo
+    assert e2e["trl_hf"].get("step_s", 0) > 0 or e2e["trl_hf"]["unavailable"]
+    assert f"srpo_hf: {srpo['step_s']:.2f} s/step" in (tmp_path / "gpu_check.md").read_text()
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    (run,) = report["runs"]["srpo_hf"]
+    assert all(step["update_tflop"] > 0 for step in run["steps"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["mode"].startswith("dry-run")
     assert (tmp_path / "gpu_check.md").read_text() == markdown(summary)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md", "kernels.json",
-                                                          "step.json"]  # few files: a lease returns at most 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e2e.json", "gpu_check.json", "gpu_check.md",
+                                                          "kernels.json", "step.json"]  # a lease returns at most 8

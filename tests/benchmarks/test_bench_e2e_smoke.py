@@ -1,6 +1,7 @@
 """benchmarks/e2e.py --smoke: srpo_fast and TRL's GRPOTrainer each run real GRPO steps on the same tiny work in their
 own processes, and the report holds per-run steps, phase times, tokens, peak memory and the summary over runs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,34 @@ def test_e2e_smoke_vllm_engines(tmp_path):
         check_ok(data, "trl_vllm")
     else:
         assert trl["error"] and data["summary"]["trl_vllm"]["errors"] == [trl["error"]]
+
+
+@pytest.mark.slow
+def test_e2e_reports_a_framework_that_does_not_import_as_unavailable(tmp_path):
+    """A machine without TRL (the lent GPU's image): TRL is reported unavailable with its import error and not run,
+    srpo_fast still runs; the workers keep the caller's PYTHONPATH (where carried wheels are installed)."""
+    shadow = tmp_path / "shadow" / "trl"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no trl on this image')\n")
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--smoke", "--threads", "1",
+                           "--out", str(out), "--frameworks", "srpo_hf", "trl_hf"], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(shadow.parent)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["summary"]["trl_hf"] == {"label": "TRL + HF generate",
+                                         "unavailable": "ImportError: no trl on this image"}
+    assert list(data["runs"]) == ["srpo_hf"] and data["ratios"] == {}
+    check_ok(data, "srpo_hf")
+    assert "not available: ImportError: no trl on this image" in proc.stdout
+
+
+def test_e2e_gpu_mode_needs_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--gpu", "--out",
+                           str(tmp_path / "e2e.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--gpu needs a CUDA device" in proc.stderr
+    assert not (tmp_path / "e2e.json").exists()

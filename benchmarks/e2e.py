@@ -277,10 +277,10 @@ def unavailable(name: str, args) -> str | None:
         return None
     code = "\n".join(f"import {module}" for module in NEEDS[name])
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env=worker_env(args), cwd=HERE.parent)
     except subprocess.TimeoutExpired:
-        return f"importing {', '.join(NEEDS[name])} took over 300 s"
+        return f"importing {', '.join(NEEDS[name])} took over 120 s"
     if proc.returncode == 0:
         return None
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

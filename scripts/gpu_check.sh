@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check (docs/gpu.md): environment, gpu tests with compiled kernels, kernel and step benchmarks,
-# three GRPO steps with and without CPU offload; each part time-boxed; about 8 minutes on one H100/H200.
+# two GRPO steps with and without CPU offload, the end-to-end benchmark (srpo_fast vs TRL where TRL imports);
+# each part time-boxed; about 8 minutes on one H100/H200.
 #   bash scripts/gpu_check.sh [OUT_DIR]     # default: $OUT when set, else benchmarks/results/gpu
 # Uses the python on PATH as it is (no install, no network). Pure-Python wheels missing there can be put in .whl/
 # of the project root: they are installed into a temporary dir first.

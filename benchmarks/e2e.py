@@ -93,6 +93,7 @@ def run_srpo(args, engine: str) -> dict:
     return {"steps": [{"step_s": r["timing/step_s"], "generation_s": r["timing/rollout_s"],
                        "reward_s": r.get("timing/reward_s", 0.0), "update_s": r.get("timing/train_s", 0.0),
                        "sync_s": r.get("timing/sync_s", 0.0), "update_tflop": f / 1e12,
+                       "gpu_mem_peak_gb": r.get("perf/gpu_mem_peak_GB"),
                        "response_tokens": r["response/length_mean"] * r["rollout/samples"]}
                       for r, f in zip(rows, flops)]}
 
@@ -192,10 +193,11 @@ def worker(args) -> None:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
                   "traceback": traceback.format_exc()[-4000:]}
     result.update(wall_s=time.perf_counter() - start, peak_rss_gb=_peak_rss_gb())
-    if args.gpu:
+    if args.gpu:  # the trainer resets torch's peak every step and logs each step's: the largest of them all
         import torch
 
-        result["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        peaks = [s["gpu_mem_peak_gb"] for s in result.get("steps", []) if s.get("gpu_mem_peak_gb") is not None]
+        result["peak_gpu_mem_gb"] = max(peaks + [torch.cuda.max_memory_allocated() / 1e9])
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"[e2e worker] {args.worker}: {result['status']}", flush=True)
     os._exit(0)  # in-process vLLM engines may hang in teardown; the result is written

@@ -54,3 +54,21 @@ def test_dry_run_goes_through_every_part(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text() == markdown(summary)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e2e.json", "gpu_check.json", "gpu_check.md",
                                                           "kernels.json", "step.json"]  # a lease returns at most 8
+
+
+def test_gpu_mode_benchmark_commands_parse(tmp_path):
+    """The GPU run's benchmark command lines (never run here) are accepted by their scripts: each gets past its
+    argument parsing to the point where it asks for CUDA."""
+    import subprocess
+
+    import torch
+
+    from srpo_fast.gpu_check import REPO, build_parts
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the GPU check itself runs these")
+    parts = {p.name: p for p in build_parts(tmp_path, tmp_path, dry_run=False)}
+    for name, needs in (("e2e", "--gpu needs a CUDA device"), ("step", "the full run needs CUDA")):
+        assert "--smoke" not in parts[name].command
+        proc = subprocess.run(parts[name].command, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode != 0 and needs in proc.stderr, proc.stderr[-2000:]

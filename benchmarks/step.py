@@ -18,8 +18,8 @@ bf16 dense) unless --peak-tflops is given. Padding waste avoided = padded tokens
 The scaling run reports cost per real token (us) per step size for both variants, and its spread (largest / smallest
 across sizes): a packed path that grows super-linearly with the step size shows there, not in one number. Its sizes
 are timed in interleaved rounds (drift of a shared machine hits every size alike), short steps several times per
-round; it also reports the cost per model GFLOP, which the step's length mix does not move (a mix of longer
-sequences costs more per token: attention grows with the length), and the mix itself (sum L^2 / sum L).
+round; it also reports the cost per model GFLOP, which takes out attention's larger share in a mix of longer
+sequences (not the cost of the log-prob path per response token), and the mix itself (sum L^2 / sum L, response share).
 """
 from __future__ import annotations
 

@@ -39,6 +39,11 @@ _FRAC_RE = re.compile(rf"([+-]?)\\[dt]?frac\s*\{{\s*([+-]?)({_PLAIN_NUM})\s*\}}\
 _CHOICE_PREFIX_RE = re.compile(
     r"^(?i:(?:the\s+)?(?:final\s+|correct\s+|best\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*)")
 _GOLD_LETTER_RE = re.compile(r"^\(?([A-Z])\)?\.?$")
+# Plain words (a color, a name): math-verify would read "red" as the product r·e·d (so "dog" equals "god") and
+# costs a pool round trip per pair, so two different plain words are decided here. Words math-verify gives a
+# meaning to are left to it.
+_PLAIN_WORD_RE = re.compile(r"^[A-Za-z]{3,}$")
+_MATH_WORDS = frozenset({"inf", "infty", "infinity", "nan", "true", "false", "yes", "none", "undefined", "pi"})
 _LOOSE_SPACE_RE = re.compile(r"\s+(?=[^A-Za-z0-9])|(?<=[^A-Za-z0-9\s])\s+")
 
 
@@ -233,7 +238,14 @@ def _fast_grade(pred: str, gold: _Gold, options: Sequence[str] | None, letters: 
         return numbers_equal(number, gold.number, config.rel_tol, config.precision), pred
     if normalize_text(pred) == gold.norm:
         return True, pred
+    if _is_plain_word(pred) and _is_plain_word(gold.text):
+        return pred.strip().lower() == gold.text.strip().lower(), pred
     return None, pred
+
+
+def _is_plain_word(text: str) -> bool:
+    word = text.strip()
+    return bool(_PLAIN_WORD_RE.match(word)) and word.lower() not in _MATH_WORDS
 
 
 @dataclass

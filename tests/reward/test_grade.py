@@ -84,6 +84,8 @@ FAST_CASES = [  # (pred block content, gold, options, correct) — all decided w
     ("x = 12", "12", None, True),
     ("12 cm", "12", None, True),
     ("Red", "red", None, True),
+    ("blue", "red", None, False),  # two different plain words: decided here, not by math-verify
+    ("dog", "god", None, False),  # math-verify would read both as the product d·o·g
     ("\\text{(1, 2)}", "(1,2)", None, True),
     ("B", "B", None, True),
     ("(B)", "B", None, True),
@@ -123,6 +125,7 @@ SLOW_CASES = [  # (pred, gold, correct) — the fast path cannot decide these
     ("The final result is 7", "7", True),
     ("\\{1,2\\}", "\\{2,1\\}", True),
     ("y^2", "x^2", False),
+    ("infinity", "oo", False),  # words math-verify gives a meaning to stay with it
 ]
 
 

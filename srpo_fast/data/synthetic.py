@@ -10,6 +10,9 @@ Tasks (all answers exact):
 - add:     "What is the sum of the two numbers shown?"     free-form integer (digits drawn in the image)
 - compare: "Which shape is larger? A. the red one ..."     multiple choice, answer a letter
 - color:   "What color is the circle? A. red B. ..."       multiple choice, answer a letter
+- name:    "What color is the shape?"                      free-form color word; the lowest rung of the task
+           ladder (the color of one shape is readable from the mean of the image tokens, so the demo's random-init
+           tiny model can learn it on a CPU budget)
 `difficulty` 1..5 raises object counts, digit counts, distractors, and shrinks size differences.
 """
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("count", "add", "compare", "color")
+TASKS = ("count", "add", "compare", "color", "name")
+DEFAULT_TASKS = ("count", "add", "compare", "color")  # the mixed task; "name" is the demo's rung
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20),
           "purple": (140, 50, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -141,7 +145,19 @@ def _color(rng: random.Random, difficulty: int, size: int):
     return image, problem, answer, options, {"objects": objects}
 
 
-_MAKERS = {"count": _count, "add": _add, "compare": _compare, "color": _color}
+def _name(rng: random.Random, difficulty: int, size: int):
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    palette = list(COLORS)[:min(2 + difficulty, len(COLORS))]  # harder → more colors to tell apart
+    color, shape = rng.choice(palette), rng.choice(SHAPES)
+    side = rng.randint(size // 3, size // 2)
+    box = _place(rng, size, side, [])
+    _draw_shape(draw, shape, box, COLORS[color])
+    objects = [{"shape": shape, "color": color, "box": [box.x0, box.y0, box.x1, box.y1]}]
+    return image, "<image>What color is the shape in the image?", color, None, {"objects": objects, "palette": palette}
+
+
+_MAKERS = {"count": _count, "add": _add, "compare": _compare, "color": _color, "name": _name}
 
 
 def make_record(rng: random.Random, task: str, difficulty: int = 1, image_size: int = 112) -> dict:
@@ -160,7 +176,7 @@ def make_record(rng: random.Random, task: str, difficulty: int = 1, image_size: 
     return record
 
 
-def make_dataset(n: int, seed: int = 0, difficulty: int = 1, tasks: tuple[str, ...] = TASKS,
+def make_dataset(n: int, seed: int = 0, difficulty: int = 1, tasks: tuple[str, ...] = DEFAULT_TASKS,
                  image_size: int = 112) -> list[dict]:
     """n records cycling through `tasks`, deterministic given the seed. Images are PIL images in memory."""
     if n < 0:
@@ -208,4 +224,6 @@ def recompute_answer(record: dict) -> str:
         return LETTERS[0] if sides[0] > sides[1] else LETTERS[1]
     if task == "color":
         return LETTERS[record["options"].index(meta["objects"][0]["color"])]
+    if task == "name":
+        return meta["objects"][0]["color"]
     raise ValueError(f"unknown task {task!r}")

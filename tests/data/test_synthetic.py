@@ -31,13 +31,15 @@ def _components_of_color(image, rgb):
 
 @pytest.mark.parametrize("difficulty", [1, 3, 5])
 def test_every_answer_recomputes_from_the_scene(difficulty):
-    records = make_dataset(48, seed=difficulty, difficulty=difficulty)
+    records = make_dataset(60, seed=difficulty, difficulty=difficulty, tasks=TASKS)
     assert {r["task"] for r in records} == set(TASKS)
     for record in records:
         assert recompute_answer(record) == record["answer"]
         assert record["problem"].count(IMAGE_PLACEHOLDER) == len(record["images"]) == 1
         if "options" in record:
             assert record["answer"] in LETTERS[:len(record["options"])]
+        elif record["task"] == "name":
+            assert record["answer"] in record["meta"]["palette"]
         else:
             assert record["answer"].isdigit()
 
@@ -61,6 +63,18 @@ def test_compare_and_color_answers_match_the_pixels():
             areas = [np.all(pixels == np.array(COLORS[o["color"]], dtype=np.uint8), axis=-1).sum()
                      for o in record["meta"]["objects"]]
             assert record["answer"] == (LETTERS[0] if areas[0] > areas[1] else LETTERS[1])
+
+
+def test_name_answers_match_the_pixels_and_harder_means_more_colors():
+    for difficulty in (1, 3, 4):
+        records = make_dataset(30, seed=difficulty, difficulty=difficulty, tasks=("name",))
+        palette = list(COLORS)[:2 + difficulty]
+        assert {r["answer"] for r in records} <= set(palette) and len({r["answer"] for r in records}) >= 3
+        for record in records:
+            pixels = np.asarray(record["images"][0]).reshape(-1, 3)
+            shown = {name for name, rgb in COLORS.items()
+                     if np.all(pixels == np.array(rgb, dtype=np.uint8), axis=-1).any()}
+            assert shown == {record["answer"]} and record["meta"]["palette"] == palette
 
 
 def test_deterministic_and_difficulty_matters():

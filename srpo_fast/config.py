@@ -38,9 +38,14 @@ class ModelConfig:
     trust_remote_code: bool = False
     min_pixels: int | None = None  # image bounds, shared by the trainer's processor and the rollout engine
     max_pixels: int | None = None
+    # with path "tiny": the init scale of the kit's language model and projector (None: the kit's wide 0.3, which
+    # gives tests peaky greedy outputs; the demo uses 0.1, which learns to read the image; see srpo_fast/tiny.py)
+    tiny_language_std: float | None = None
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.tiny_language_std is not None and not 0.0 < self.tiny_language_std <= 1.0:
+            raise ConfigError(f"model.tiny_language_std must be in (0, 1], got {self.tiny_language_std}")
         if self.dtype == "auto":
             import torch
 

@@ -113,13 +113,24 @@ def vl_model_config(tokenizer):
     )
 
 
-def _randomize(model: torch.nn.Module, std: float) -> None:
+# The kit's default init scale (see _randomize); the demo passes a smaller one for the language model.
+WIDE_INIT_STD = 0.3
+
+
+def _randomize(model: torch.nn.Module, std: float, language_std: float | None = None) -> None:
     """Wider-than-default init: with std 0.02 a tiny random model is almost uniform over the vocab, which makes
-    greedy decoding a coin toss between near-tied logits; std ~0.3 gives peaky, well-separated distributions."""
+    greedy decoding a coin toss between near-tied logits; std ~0.3 gives peaky, well-separated distributions.
+
+    language_std (if given) re-scales everything but the vision tower's own blocks (language model, LM head,
+    projector): at 0.3 the language model's attention is saturated and learns to read the image tokens only
+    slowly and seed-dependently; at 0.1 SFT teaches it within a few dozen steps (the demo's choice). The vision
+    tower keeps `std`: it is frozen, and its wide random features keep the images' colors and sizes linearly
+    separable."""
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() > 1:
-                param.normal_(0.0, std)
+                in_tower = ".visual." in f".{name}" and ".merger." not in f".{name}"
+                param.normal_(0.0, std if language_std is None or in_tower else language_std)
 
 
 def _generation_config(tokenizer):
@@ -129,10 +140,11 @@ def _generation_config(tokenizer):
     return GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False)
 
 
-def _save_random_model(model_class, config, tokenizer, seed: int, out: Path) -> None:
+def _save_random_model(model_class, config, tokenizer, seed: int, out: Path,
+                       language_std: float | None = None) -> None:
     torch.manual_seed(seed)
     model = model_class(config)
-    _randomize(model, std=0.3)
+    _randomize(model, std=WIDE_INIT_STD, language_std=language_std)
     model.generation_config = _generation_config(tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -147,14 +159,15 @@ def build_text_model(out_dir: str | Path, seed: int = 0, tokenizer=None) -> Path
     return out
 
 
-def build_vl_model(out_dir: str | Path, seed: int = 0, tokenizer=None) -> Path:
+def build_vl_model(out_dir: str | Path, seed: int = 0, tokenizer=None, language_std: float | None = None) -> Path:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from srpo_fast.models.processor import ImageOnlyQwenVLProcessor, pil_image_processor_class
 
     out = Path(out_dir)
     tokenizer = tokenizer or build_tokenizer(seed)
-    _save_random_model(Qwen2_5_VLForConditionalGeneration, vl_model_config(tokenizer), tokenizer, seed, out)
+    _save_random_model(Qwen2_5_VLForConditionalGeneration, vl_model_config(tokenizer), tokenizer, seed, out,
+                       language_std)
     image_processor = pil_image_processor_class()(
         min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -206,8 +219,10 @@ def _write_vllm_processor_hints(out: Path) -> None:
     (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2, sort_keys=True) + "\n")
 
 
-def build_tiny_kit(out_dir: str | Path, seed: int = 0, kind: str = "both") -> dict[str, Path]:
-    """Build the kit under out_dir; returns {'vl': path, 'text': path} for the kinds built."""
+def build_tiny_kit(out_dir: str | Path, seed: int = 0, kind: str = "both",
+                   language_std: float | None = None) -> dict[str, Path]:
+    """Build the kit under out_dir; returns {'vl': path, 'text': path} for the kinds built. language_std: the
+    VL model's language-side init scale (None: the kit's wide default, see _randomize)."""
     if kind not in ("vl", "text", "both"):
         raise ValueError(f"kind must be 'vl', 'text' or 'both', got {kind!r}")
     out = Path(out_dir)
@@ -215,20 +230,22 @@ def build_tiny_kit(out_dir: str | Path, seed: int = 0, kind: str = "both") -> di
     tokenizer = build_tokenizer(seed)
     built = {}
     if kind in ("vl", "both"):
-        built["vl"] = build_vl_model(out / "qwen2_5_vl", seed, tokenizer)
+        built["vl"] = build_vl_model(out / "qwen2_5_vl", seed, tokenizer, language_std)
     if kind in ("text", "both"):
         built["text"] = build_text_model(out / "qwen2", seed, tokenizer)
     return built
 
 
-def ensure_tiny_kit(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Build the kit once; later calls reuse it (a marker file is written last, so a half-built kit is rebuilt)."""
+def ensure_tiny_kit(out_dir: str | Path, seed: int = 0, language_std: float | None = None) -> dict[str, Path]:
+    """Build the kit once; later calls reuse it (a marker file is written last, so a half-built kit is rebuilt,
+    and it names the seed and init scale, so a kit built with other ones is rebuilt too)."""
     out = Path(out_dir)
     marker = out / ".complete"
-    if marker.exists() and marker.read_text().strip() == str(seed):
+    stamp = str(seed) if language_std is None else f"{seed} language_std={language_std}"
+    if marker.exists() and marker.read_text().strip() == stamp:
         return {"vl": out / "qwen2_5_vl", "text": out / "qwen2"}
-    built = build_tiny_kit(out, seed)
-    marker.write_text(str(seed))
+    built = build_tiny_kit(out, seed, language_std=language_std)
+    marker.write_text(stamp)
     return built
 
 

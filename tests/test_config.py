@@ -35,6 +35,8 @@ def test_yaml_then_overrides(tmp_path):
     ("train.lr=null", "train.lr must be float, got NoneType"),
     ("algo=1", "algo must be a mapping"),
     ("noequals", "must look like section.key=value"),
+    ("model.tiny_language_std=0", "model.tiny_language_std must be in"),
+    ("model.tiny_language_std=big", "model.tiny_language_std must be float"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):

@@ -124,3 +124,20 @@ def test_saved_processor_names_the_stock_class(tiny_kit, tmp_path):
     assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
     assert json.loads((tiny_kit["vl"] / "processor_config.json").read_text())["processor_class"] == \
         "Qwen2_5_VLProcessor"
+
+
+def test_language_std_rescales_the_language_side_only_and_rebuilds_the_kit(tmp_path):
+    from safetensors.torch import load_file
+
+    from srpo_fast.tiny import ensure_tiny_kit
+
+    wide = load_file(ensure_tiny_kit(tmp_path / "kit", seed=0)["vl"] / "model.safetensors")
+    narrow_dir = ensure_tiny_kit(tmp_path / "kit", seed=0, language_std=0.1)["vl"]  # other stamp: rebuilt in place
+    assert (tmp_path / "kit" / ".complete").read_text() == "0 language_std=0.1"
+    narrow = load_file(narrow_dir / "model.safetensors")
+    tower = [k for k in wide if ".visual." in f".{k}" and ".merger." not in k and wide[k].dim() > 1]
+    language = [k for k in wide if (".visual." not in f".{k}" or ".merger." in k) and wide[k].dim() > 1]
+    assert tower and language
+    assert all(torch.equal(wide[k], narrow[k]) for k in tower)  # the frozen tower's features stay the same
+    for k in language:
+        assert abs(wide[k].std().item() - 0.3) < 0.05 and abs(narrow[k].std().item() - 0.1) < 0.02, k

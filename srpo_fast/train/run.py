@@ -51,10 +51,11 @@ def resolve_model_path(cfg: Config) -> Path:
     from srpo_fast.tiny import ensure_tiny_kit
 
     kit_dir = Path(cfg.train.output_dir) / "tiny_kit"
+    language_std = cfg.model.tiny_language_std
     if is_main():
-        ensure_tiny_kit(kit_dir, seed=cfg.train.seed)
+        ensure_tiny_kit(kit_dir, seed=cfg.train.seed, language_std=language_std)
     barrier()
-    return ensure_tiny_kit(kit_dir, seed=cfg.train.seed)["vl"]
+    return ensure_tiny_kit(kit_dir, seed=cfg.train.seed, language_std=language_std)["vl"]
 
 
 def load_train_records(cfg: Config) -> list[dict]:

@@ -31,7 +31,8 @@ def write_cold_start(out: Path, size: int, seed: int, tasks: tuple[str, ...], di
     from srpo_fast.data.cold_start import add_cold_start_responses
     from srpo_fast.data.synthetic import make_dataset, write_dataset
 
-    records = add_cold_start_responses(make_dataset(size, seed=seed + 1, difficulty=difficulty, tasks=tasks), seed=seed)
+    records = add_cold_start_responses(make_dataset(size, seed=seed + 1, difficulty=difficulty, tasks=tasks), seed=seed,
+                                       guess_first=True)
     written = write_dataset([{k: v for k, v in r.items() if k != "response"} for r in records], out)
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     for row, record in zip(rows, records):
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo_cpu", help="run dir (default: runs/demo_cpu)")
     parser.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE", help="stage-1 override")
     parser.add_argument("overrides", nargs="*", help="stage-2 overrides, e.g. rollout.n=8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # stage-2 overrides may come before, between or after --sft ones
     out = Path(args.out)
     try:
         sft_cfg = load_config(CONFIGS / "demo_sft_cpu.yaml", [f"train.output_dir={out / 'sft'}", *args.sft])

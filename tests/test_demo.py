@@ -15,7 +15,8 @@ def test_demo_runs_both_stages_and_resumes(tmp_path):
     # is an error (srpo_fast.train.run.NoUpdateError)
     cmd = [sys.executable, "-m", "srpo_fast.demo", "--out", str(out), "--sft", "data.synthetic_size=16",
            "--sft", "train.prompts_per_step=8", "--sft", "train.epochs=1", "train.max_steps=2", "data.val_size=3",
-           "rollout.n=2", "rollout.max_tokens=24", "log.progress=false", "algo.filter_groups=false",
+           "rollout.n=2", "train.prompts_per_step=4", "rollout.max_tokens=24", "log.progress=false",
+           "algo.filter_groups=false",
            "algo.dynamic_sampling=false"]  # a fixed 4 prompts x n=2 per step
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -28,10 +28,14 @@ def run_trainer(args: list[str], *, timeout: int = 300, returncode: int = 0) -> 
 
 
 def hf_args(model: Path, out: Path, steps: int) -> list[str]:
+    """The demo config with the sizes these tests are written for pinned (the demo's own are tuned for learning):
+    4 prompts x n=4 of the mixed synthetic task, no refills."""
     return ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"model.path={model}", f"train.output_dir={out}",
             f"train.max_steps={steps}", "train.save_every=1", "reward.preset=trainer_rewards:digit_share",
             "algo.filter_groups=false", "train.val_every=0", "rollout.max_tokens=24", "train.lr=3e-3",
-            "log.progress=false", "train.max_tokens_per_microbatch=600"]
+            "log.progress=false", "train.max_tokens_per_microbatch=600", "train.prompts_per_step=4", "rollout.n=4",
+            "data.synthetic_size=32", "data.synthetic_tasks=[count,add,compare,color]", "data.synthetic_difficulty=1",
+            "data.val_size=16", "algo.dynamic_sampling=false", "algo.max_gen_rounds=4"]
 
 
 def metrics(out: Path) -> list[dict]:

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from largest_tensor import LargestTensor
 
 from srpo_fast.kernels import linear_token_logprobs
 
@@ -124,22 +125,6 @@ def test_masked_vocab_bias(backend):
     assert (w.grad[:300] == 0).all()
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any torch op produces. Bytes, because the Triton interpreter
-    copies each argument's storage as a uint8 tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def test_never_materializes_n_by_v(backend):
     n, hdim, vocab = 24, 16, 3000
     hidden, weight, bias, targets = make(n, hdim, vocab, torch.float32, 9)
@@ -148,7 +133,7 @@ def test_never_materializes_n_by_v(backend):
         logp, ent = linear_token_logprobs(h, w, targets, bias=b, chunk_size=256)
         (logp.sum() + ent.sum()).backward()
     # inputs and their gradients (V x H) are allowed, and one [N, chunk] block; a logits-sized tensor is not
-    assert probe.largest <= 4 * max(vocab * hdim, n * 256)
+    assert probe.nbytes <= 4 * max(vocab * hdim, n * 256)
     assert n * vocab > max(vocab * hdim, n * 256)
 
 

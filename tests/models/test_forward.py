@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from srpo_fast.data.packing import MRopeIndexer, Sample, dummy_batch, pack_samples
 from srpo_fast.models import (load_policy, output_head, packed_hidden_states, packed_token_logprobs,
@@ -16,6 +15,7 @@ from srpo_fast.models import (load_policy, output_head, packed_hidden_states, pa
 from srpo_fast.models.attention import cu_seqlens_from_position_ids, varlen_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from largest_tensor import LargestTensor  # noqa: E402
 from test_loading import build_tiny_qwen2_vl, synthetic_vl_sample  # noqa: E402
 
 # fp64 runs must agree to rounding (observed <= 3e-13): the packed path is exact. fp32 runs: log-probs, entropies
@@ -239,21 +239,6 @@ def test_packed_equals_one_by_one_cuda_bf16(model_dirs, kind):
     assert (logp - ref).abs().max().item() <= 0.02 * max(1.0, ref.abs().max().item())
 
 
-class MaxNumel(TorchDispatchMode):
-    """Largest tensor any op creates (outputs of every dispatched op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_packed_row_builds_no_square_mask_and_no_logits(tiny_kit):
     model = load_policy(tiny_kit["text"])
     gen = torch.Generator().manual_seed(5)
@@ -261,18 +246,18 @@ def test_packed_row_builds_no_square_mask_and_no_logits(tiny_kit):
                for _ in range(12)]
     batch = pack_samples(samples)
     length, responses, vocab = batch.num_tokens, batch.num_response_tokens, 1152
-    with MaxNumel() as spy:
+    with LargestTensor() as spy:
         packed_hidden_states(model, batch).square().sum().backward()
     # the largest legitimate tensor is an MLP activation [L, 256]; an [L, L] mask or [L, V] logits are larger
-    assert spy.largest <= length * 256 < length * length
-    with MaxNumel() as spy:
+    assert spy.numel <= length * 256 < length * length
+    with LargestTensor() as spy:
         packed_token_logprobs(model, batch).sum().backward()
     # log-probs add the kernel's [R, chunk] logit blocks (chunk <= V) over response rows only, never [L, V]
-    assert spy.largest <= max(length * 256, responses * vocab) < length * vocab
-    with MaxNumel() as spy_sdpa:  # transformers' own SDPA path on the same row does build the square mask
+    assert spy.numel <= max(length * 256, responses * vocab) < length * vocab
+    with LargestTensor() as spy_sdpa:  # transformers' own SDPA path on the same row does build the square mask
         sdpa = load_policy(tiny_kit["text"], attn_implementation="sdpa")
         packed_hidden_states(sdpa, batch)
-    assert spy_sdpa.largest >= length * length
+    assert spy_sdpa.numel >= length * length
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl"])

@@ -1,26 +1,17 @@
 """benchmarks/cpu_adam.py --smoke runs end to end: every implementation measured (or skipped with its reason), each
 compared with a float64 AdamW and with torch's single-tensor path."""
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from bench_run import ROOT, run_benchmark
 
 
 @pytest.mark.slow
 def test_cpu_adam_benchmark_smoke(tmp_path):
     out = tmp_path / "cpu_adam.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_adam.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_benchmark("cpu_adam.py", "--smoke", out=out, timeout=600, env={"PYTHONPATH": str(ROOT)})
     assert data["benchmark"] == "cpu_adam_smoke" and list(data["sizes"]) == ["1M"]
     rows = data["sizes"]["1M"]
     measured = {name: row for name, row in rows.items() if "step_ms" in row}

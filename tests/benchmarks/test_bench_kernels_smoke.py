@@ -5,11 +5,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from bench_run import ROOT, run_benchmark
+
 TIMES = ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mem_MB", "extra_mem_MB")
 
 
@@ -29,11 +29,7 @@ def same_loss(methods: dict, a: str, b: str, rel: float = 1e-4) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "kernels_smoke.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads(out.read_text())
+    return out, run_benchmark("kernels.py", "--smoke", out=out, timeout=600)
 
 
 def test_report_structure_and_values(report):

@@ -1,24 +1,15 @@
 """benchmarks/step.py --smoke runs end to end on CPU: packed and padded steps score the same tokens to the same
 log-probs, and the report is well formed."""
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from bench_run import run_benchmark
 
 
 def test_step_benchmark_smoke(tmp_path):
     out = tmp_path / "step.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_benchmark("step.py", "--smoke", out=out)
     assert data["benchmark"] == "step_smoke" and data["smoke"] is True and data["device"] == "cpu"
     result = data["results"]["tiny_text"]
     budget = data["max_tokens_per_microbatch"]
@@ -44,12 +35,8 @@ def test_step_benchmark_smoke(tmp_path):
 def test_step_benchmark_scaling_reports_cost_per_real_token(tmp_path):
     """--scaling: one run per step size on the full-length mix; cost per real token per variant and its spread."""
     out = tmp_path / "scaling.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step.py"), "--scaling", "--sizes", "600",
-                           "1500", "--max-tokens", "2048", "--iters", "2", "--min-round-s", "0.3", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_benchmark("step.py", "--scaling", "--sizes", "600", "1500", "--max-tokens", "2048", "--iters", "2",
+                         "--min-round-s", "0.3", out=out, timeout=600)
     assert data["benchmark"] == "step_scaling" and data["sizes"] == [600, 1500]
     assert list(data["results"]) == ["600", "1500"]
     for size, result in data["results"].items():

@@ -1,21 +1,13 @@
 """benchmarks/reward.py --smoke runs end to end and writes a well-formed report."""
-import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from bench_run import run_benchmark
 
 
 def test_reward_benchmark_smoke(tmp_path):
     out = tmp_path / "reward.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reward.py"), "--smoke", "--workers", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_benchmark("reward.py", "--smoke", "--workers", "2", out=out)
     assert data["benchmark"] == "reward_smoke" and data["smoke"] is True
     assert data["count"] == 32 and data["workers"] == 2 and data["cpu_count"] == os.cpu_count()
     assert data["pool_cold_start_s"] > 0

@@ -1,23 +1,14 @@
 """benchmarks/weight_sync.py --smoke runs end to end (module-copy sink always, the vLLM engine when installed) and
 writes a well-formed report; the script itself checks that every variant left the sink equal to the source."""
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from bench_run import run_benchmark
 
 
 def test_weight_sync_benchmark_smoke(tmp_path):
     out = tmp_path / "weight_sync.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "weight_sync.py"), "--smoke", "--iters", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = run_benchmark("weight_sync.py", "--smoke", "--iters", "1", out=out)
     assert data["benchmark"] == "weight_sync_smoke" and data["smoke"] is True
     has_vllm = importlib.util.find_spec("vllm") is not None
     assert data["vllm_available"] is has_vllm

@@ -31,15 +31,18 @@ _CHECK = {
 }
 
 
+def answer_set(record: dict) -> list[str] | None:
+    """Every answer the record allows (its option letters, or its task's word palette); None when open-ended."""
+    if record.get("options"):
+        return [LETTERS[i] for i in range(len(record["options"]))]
+    return record.get("meta", {}).get("palette")
+
+
 def _wrong_answer(record: dict, rng: random.Random) -> str:
     gold = record["answer"]
-    options = record.get("options")
-    if options:
-        letters = [LETTERS[i] for i in range(len(options)) if LETTERS[i] != gold]
-        return rng.choice(letters)
-    palette = record.get("meta", {}).get("palette")
-    if palette:  # a free-form word from a known set
-        return rng.choice([word for word in palette if word != gold])
+    choices = answer_set(record)
+    if choices:
+        return rng.choice([choice for choice in choices if choice != gold])
     value = int(gold)
     return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
 
@@ -53,13 +56,6 @@ def cold_start_response(record: dict, first_right: bool, rng: random.Random) -> 
     return (f"<think>{_THINK.get(task, _THINK['count'])}</think><answer>{first}</answer>"
             f"<reflection>{reflection}</reflection>"
             f"<think>{_CHECK.get(task, _CHECK['count'])}</think><answer>{record['answer']}</answer>")
-
-
-def answer_set(record: dict) -> list[str] | None:
-    """Every answer the record allows (its option letters, or its task's word palette); None when open-ended."""
-    if record.get("options"):
-        return [LETTERS[i] for i in range(len(record["options"]))]
-    return record.get("meta", {}).get("palette")
 
 
 def add_cold_start_responses(records: list[dict], seed: int = 0, right_fraction: float = 0.3,

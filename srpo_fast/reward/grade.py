@@ -207,6 +207,7 @@ class _Gold:
     number: tuple[float, bool] | None
     norm: str
     text: str  # what math-verify gets
+    plain_word: bool  # a color or a name: decided by the fast path against another plain word
 
     @property
     def known_parsable(self) -> bool | None:
@@ -217,7 +218,8 @@ class _Gold:
 
 def _gold_info(gold: str, letters: str) -> _Gold:
     text = extract_answer(gold)
-    return _Gold(letter=gold_letter(text, letters), number=parse_number(text), norm=normalize_text(text), text=text)
+    return _Gold(letter=gold_letter(text, letters), number=parse_number(text), norm=normalize_text(text), text=text,
+                 plain_word=_is_plain_word(text))
 
 
 def _fast_grade(pred: str, gold: _Gold, options: Sequence[str] | None, letters: str,
@@ -238,7 +240,7 @@ def _fast_grade(pred: str, gold: _Gold, options: Sequence[str] | None, letters: 
         return numbers_equal(number, gold.number, config.rel_tol, config.precision), pred
     if normalize_text(pred) == gold.norm:
         return True, pred
-    if _is_plain_word(pred) and _is_plain_word(gold.text):
+    if gold.plain_word and _is_plain_word(pred):
         return pred.strip().lower() == gold.text.strip().lower(), pred
     return None, pred
 

@@ -21,6 +21,15 @@ from srpo_fast.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXIT_STOPPED = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
+# The demo's cold-start set (data/cold_start.py says what each knob does). 80% of the wrong first-answer guesses
+# become the gold's neighbour, so SFT wires the image into the first answer (greedy, it names the neighbour) and
+# GRPO corrects the mapping by step ~10-30: with uniform guesses alone seed 0's first answer did not start to learn
+# in 50 steps (seed 1's by step 10), and at 50% seed 0 waited until step ~66. The scripted teacher calls orange
+# "yellow" and purple "blue" 70% of the time, so after SFT the final answer is wrong on most orange and purple
+# shapes and GRPO has it to fix; with a perfect teacher the final accuracy starts at its ceiling (1.00).
+NEIGHBOUR_FIRST = 0.8
+TEACHER_MISTAKES = {"orange": "yellow", "purple": "blue"}
+MISTAKE_RATE = 0.7
 
 
 def write_cold_start(out: Path, size: int, seed: int, tasks: tuple[str, ...], difficulty: int) -> Path:
@@ -32,7 +41,8 @@ def write_cold_start(out: Path, size: int, seed: int, tasks: tuple[str, ...], di
     from srpo_fast.data.synthetic import make_dataset, write_dataset
 
     records = add_cold_start_responses(make_dataset(size, seed=seed + 1, difficulty=difficulty, tasks=tasks), seed=seed,
-                                       guess_first=True)
+                                       guess_first=True, neighbour_first=NEIGHBOUR_FIRST,
+                                       teacher_mistakes=TEACHER_MISTAKES, mistake_rate=MISTAKE_RATE)
     written = write_dataset([{k: v for k, v in r.items() if k != "response"} for r in records], out)
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     for row, record in zip(rows, records):

@@ -30,6 +30,6 @@ def test_demo_settings_learn_on_two_seeds(tmp_path):
         first, final = s["val/acc_first"], s["val/acc_final"]
         assert s["trend"]["t"] >= 4, (seed, s)  # the training reward rises far outside its per-step noise
         assert first[1] - first[0] >= 0.3, (seed, s)  # the first answer learns to read the image
-        assert final[1] >= 0.9 and final[1] >= final[0] - 0.05, (seed, s)  # the reflection keeps the final right
+        assert final[1] - final[0] >= 0.2 and final[1] >= 0.9, (seed, s)  # GRPO fixes the teacher's confusions
         assert s["val/reflect_rate"][1] >= 0.9, (seed, s)  # greedy answers keep the reflection format
         assert s["well_formed"][1] >= 0.75, (seed, s)

@@ -1,5 +1,6 @@
-"""The scripted cold-start set: every target is a full SRPO response with the gold as its final answer, and a
-guessed first answer is a uniform draw from the record's answer set, independent of the image."""
+"""The scripted cold-start set: every target is a full SRPO response whose final answer is the reflection's; without
+teacher mistakes that is the gold, and a guessed first answer is a uniform draw from the record's answer set,
+independent of the image. The demo's knobs (neighbour first answers, teacher mistakes) hit their rates."""
 from collections import Counter
 
 import pytest
@@ -35,3 +36,60 @@ def test_scripted_first_answers_keep_the_right_fraction_where_no_answer_set_exis
     assert 0.24 <= sum(r["a1_correct"] for r in records) / len(records) <= 0.36
     with pytest.raises(ValueError, match="right_fraction"):
         add_cold_start_responses(records[:1], right_fraction=1.5)
+
+
+def _blocks(response: str) -> tuple[str, str, str]:
+    """(first answer, the color the reflection names, final answer) of a scripted target."""
+    first = response.split("<answer>")[1].split("</answer>")[0]
+    named = response.split("the answer is ")[1].split(":")[0]
+    return first, named, response.split("<answer>")[2].split("</answer>")[0]
+
+
+def test_neighbour_first_answers_name_the_gold_s_neighbour_at_the_rate():
+    records = add_cold_start_responses(make_dataset(1800, seed=5, difficulty=4, tasks=("name",)), seed=2,
+                                       guess_first=True, neighbour_first=0.5)
+    palette = answer_set(records[0])
+    neighbour = {c: palette[(i + 1) % len(palette)] for i, c in enumerate(palette)}
+    firsts = [_blocks(r["response"])[0] for r in records]
+    right = sum(f == r["answer"] for f, r in zip(firsts, records)) / len(records)
+    to_neighbour = sum(f == neighbour[r["answer"]] for f, r in zip(firsts, records)) / len(records)
+    assert 0.13 <= right <= 0.20  # the guess is untouched: 1 in 6
+    assert 0.45 <= to_neighbour <= 0.55  # 5/6 x (0.5 + 0.5/5) = 0.5
+    assert [r["a1_correct"] for r in records] == [f == r["answer"] for f, r in zip(firsts, records)]
+    counts = make_dataset(60, seed=4, tasks=("count",))  # open answers have no neighbour: targets as without it
+    assert ([r["response"] for r in add_cold_start_responses(counts, seed=0, guess_first=True, neighbour_first=1.0)]
+            == [r["response"] for r in add_cold_start_responses(counts, seed=0, guess_first=True)])
+    with pytest.raises(ValueError, match="guess_first"):
+        add_cold_start_responses(records[:1], neighbour_first=0.5)
+
+
+def test_teacher_mistakes_name_the_wrong_color_and_the_final_answer_follows_the_reflection():
+    mistakes = {"orange": "yellow", "purple": "blue"}
+    records = add_cold_start_responses(make_dataset(1800, seed=6, difficulty=4, tasks=("name",)), seed=3,
+                                       guess_first=True, teacher_mistakes=mistakes, mistake_rate=0.7)
+    scores = score_batch([r["response"] for r in records], [r["answer"] for r in records])
+    assert bool(scores.has_reflection.all())
+    assert [bool(x) for x in scores.second_correct] == [r["a2_correct"] for r in records]
+    for gold in ("orange", "purple"):
+        hit = [r for r in records if r["answer"] == gold]
+        named = [_blocks(r["response"])[1] for r in hit]
+        assert all(n in (gold, mistakes[gold]) for n in named)
+        assert 0.6 <= named.count(mistakes[gold]) / len(hit) <= 0.8, gold
+    others = [r for r in records if r["answer"] not in mistakes]
+    assert all(r["a2_correct"] and _blocks(r["response"])[1] == r["answer"] for r in others)
+    for r in records:  # the final answer is the reflection's, and the verdict judges the first one against it
+        first, named, final = _blocks(r["response"])
+        verdict = "the first answer is right." if first == named else f"the first answer {first} is wrong."
+        assert final == named and verdict in r["response"]
+    with pytest.raises(ValueError, match="itself"):
+        add_cold_start_responses(records[:1], teacher_mistakes={"red": "red"}, mistake_rate=0.5)
+    with pytest.raises(ValueError, match="mistake_rate"):
+        add_cold_start_responses(records[:1], teacher_mistakes=mistakes, mistake_rate=1.5)
+
+
+def test_without_knobs_the_random_stream_and_targets_do_not_change():
+    base = make_dataset(200, seed=7, difficulty=4, tasks=("name",))
+    plain = add_cold_start_responses(base, seed=1, guess_first=True)
+    off = add_cold_start_responses(base, seed=1, guess_first=True, neighbour_first=0.0,
+                                   teacher_mistakes={"orange": "yellow"}, mistake_rate=0.0)
+    assert [r["response"] for r in plain] == [r["response"] for r in off]

@@ -48,7 +48,8 @@ def test_a_run_that_never_updates_fails_loudly_and_a_killed_start_leaves_no_dupl
     out = tmp_path / "run"
     args = ["srpo_fast.train", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"model.path={tiny_kit['vl']}",
             f"train.output_dir={out}", "train.max_steps=1", "train.prompts_per_step=2", "rollout.n=2",
-            "rollout.max_tokens=8", "data.val_size=2", "train.val_every=1", "log.progress=false"]
+            "rollout.max_tokens=8", "data.val_size=2", "train.val_every=1", "log.progress=false",
+            "algo.filter_groups=true"]  # the demo turns SRPO's filter off; this run needs it
     proc = start(args)
     wait_for(lambda: has_step(out / "metrics.jsonl", 0), proc)
     os.killpg(proc.pid, signal.SIGKILL)  # after validation at step 0, before any checkpoint

@@ -229,7 +229,8 @@ def test_a_step_with_every_group_filtered_says_so(tiny_kit, tmp_path):
     out = tmp_path / "run"
     args = [a for a in hf_args(tiny_kit["text"], out, 1) if not a.startswith(("reward.preset", "algo.filter_groups"))]
     # its only step did not update, so the run ends as an error (exit 3, srpo_fast.train.run.NoUpdateError)
-    proc = run_trainer([*args, f"data.train_files=[{data}]", "rollout.max_tokens=8"], returncode=3)
+    proc = run_trainer([*args, f"data.train_files=[{data}]", "rollout.max_tokens=8", "algo.filter_groups=true"],
+                       returncode=3)
     (row,) = metrics(out)
     assert row["train/no_update"] == 1.0 and row["train/items"] == 0 and row["groups/kept_frac"] == 0
     assert "NO UPDATE" in proc.stdout and "accuracy filter dropped all 4 groups" in proc.stdout

@@ -55,10 +55,9 @@ def _wrong_answer(record: dict, rng: random.Random) -> str:
     return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
 
 
-def _neighbour(record: dict) -> str:
+def _neighbour(choices: list[str], gold: str) -> str:
     """The answer after the gold in the record's answer set (cyclic)."""
-    choices = answer_set(record)
-    return choices[(choices.index(record["answer"]) + 1) % len(choices)]
+    return choices[(choices.index(gold) + 1) % len(choices)]
 
 
 def cold_start_response(record: dict, first: str, second: str) -> str:
@@ -99,7 +98,7 @@ def add_cold_start_responses(records: list[dict], seed: int = 0, right_fraction:
         right = rng.choice(choices) == gold if choices else rng.random() < right_fraction
         first = gold if right else _wrong_answer(record, rng)
         if choices and not right and neighbour_first and rng.random() < neighbour_first:
-            first = _neighbour(record)
+            first = _neighbour(choices, gold)
         second = gold
         if mistake_rate and gold in mistakes and rng.random() < mistake_rate:
             second = mistakes[gold]
